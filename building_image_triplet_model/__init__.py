@@ -1,0 +1,1 @@
+"""Preprocessing for the building-image triplet model."""

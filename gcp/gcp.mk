@@ -1,0 +1,1 @@
+# gcp make targets (filled in by the bootstrap work)
