@@ -1,0 +1,112 @@
+"""The CPU side of the data path: read one image by its locator, decode it, resize and crop it.
+
+The result is uint8 HWC at the model's input size; converting to float and normalising happen on the
+device, so workers move 4x fewer bytes and the GPU does the arithmetic it is best at. Decoding failures
+are returned as a reason code, never raised: the image is marked invalid in this same (only) pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .records import REASON_CODE
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """timm's eval transform for a square input: resize the short side to scale_size, centre-crop size."""
+
+    size: int
+    scale_size: int
+    interpolation: str
+    fast_decode: bool
+
+    @classmethod
+    def from_data_config(cls, data_config: dict[str, Any], fast_decode: bool) -> Transform:
+        size = int(data_config["input_size"][-1])
+        crop_pct = float(data_config.get("crop_pct") or 1.0)
+        if data_config.get("crop_mode", "center") != "center":
+            raise ValueError(f"crop_mode {data_config.get('crop_mode')!r} is not supported (only center)")
+        return cls(
+            size=size,
+            scale_size=math.floor(size / crop_pct),
+            interpolation=str(data_config.get("interpolation", "bicubic")),
+            fast_decode=fast_decode,
+        )
+
+    def apply(self, data: bytes) -> np.ndarray:
+        """Decode and transform; raises on a bad image."""
+        img = Image.open(BytesIO(data))
+        if self.fast_decode:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result is still >= scale_size: the
+            # DCT-domain downscale is far cheaper than decoding every pixel and resizing them.
+            img.draft("RGB", (self.scale_size, self.scale_size))
+        img = img.convert("RGB")
+        w, h = img.size
+        if (w, h) != (self.scale_size, self.scale_size):
+            scale = self.scale_size / min(w, h)
+            new = (max(self.scale_size, round(w * scale)), max(self.scale_size, round(h * scale)))
+            img = img.resize(new, _INTERPOLATION[self.interpolation])
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        if (w, h) != (self.size, self.size):
+            img = img.crop((left, top, left + self.size, top + self.size))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode(data: bytes, transform: Transform) -> tuple[np.ndarray | None, int]:
+    """(pixels, reason code): pixels is None when the image is not a decodable JPEG."""
+    if not data.startswith(JPEG_MAGIC):
+        return None, REASON_CODE["not_jpeg"]
+    try:
+        return transform.apply(data), REASON_CODE["ok"]
+    except Exception:  # PIL raises many types for corrupt data; every one means "does not decode"
+        return None, REASON_CODE["decode_error"]
+
+
+class ImageReader:
+    """Reads image bytes by locator. File descriptors are opened lazily, per process, after fork."""
+
+    def __init__(self, source_paths: list[str], source_is_tar: list[bool]) -> None:
+        self.source_paths = source_paths
+        self.source_is_tar = source_is_tar
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def read(self, source: int, rel_path: bytes, offset: int, size: int) -> bytes:
+        if self.source_is_tar[source]:
+            if self._pid != os.getpid():
+                self._fds = {}  # descriptors inherited from a parent are shared offsets; use our own
+                self._pid = os.getpid()
+            fd = self._fds.get(source)
+            if fd is None:
+                fd = self._fds[source] = os.open(self.source_paths[source], os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise OSError(f"{self.source_paths[source]}: short read at byte {offset}")
+            return data
+        path = os.path.join(self.source_paths[source], rel_path.decode("utf-8", "surrogateescape"))
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
