@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__, geo_knn, records, workdir
+from . import __version__, faults, geo_knn, records, workdir
 from .embed import chunk_name, done_chunks
 from .plan import SPLITS, split_targets
 
@@ -157,6 +157,7 @@ def copy_embeddings(
         marker["rows_done"] = upto
         workdir.write_json(marker_path, marker)
         unsynced, last_sync = 0, time.monotonic()
+        faults.point("assemble.sync")
 
     try:
         pos = done
@@ -179,6 +180,8 @@ def copy_embeddings(
                     on_rows(g1 - max(g0, done))
                 if unsynced >= SYNC_BYTES or time.monotonic() - last_sync > 5:
                     sync(pos)
+            if unsynced:
+                sync(pos)  # at every source boundary too
         sync(pos)
     finally:
         os.close(fd)

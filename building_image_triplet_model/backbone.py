@@ -86,6 +86,9 @@ def load(cfg: DataConfig) -> Backbone:
         kwargs["pretrained_cfg_overlay"] = {"file": weights, "source": "", "custom_load": False}
     else:
         weights = "random (pretrained: false)"
+    # Random weights (pretrained: false) must be the same in every process of a run: a resumed run
+    # continues with the model it started with.
+    torch.manual_seed(cfg.seed)
     try:
         model = timm.create_model(cfg.feature_model, pretrained=cfg.pretrained, **kwargs)
     except BackboneError:

@@ -73,8 +73,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*~",
     ".nfs*",
 )
-#: Commit markers: read first, sent last.
-DEFAULT_MARKERS: tuple[str, ...] = ("_SUCCESS.json", "_SUCCESS")
+#: Commit markers (matched against the file name): read first, sent last. Every ``*.json`` counts: the
+#: engine's ``_SUCCESS.json`` and per-source ``index/<source>.json``, the bootstrap's ``state/<phase>.json``.
+DEFAULT_MARKERS: tuple[str, ...] = ("*.json", "_SUCCESS")
 #: Markers bigger than this are treated as data (they are held in memory between listing and upload).
 MARKER_MAX_BYTES = 4 * 1024 * 1024
 
@@ -102,6 +103,11 @@ class ObjectInfo:
     crc32c: str | None = None  # base64 of the big-endian CRC32C, as Cloud Storage reports it
     mtime_ns: int | None = None  # the source file's mtime recorded at upload (local: the file's mtime)
     generation: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Same as ``key`` (relative to the folder location for :func:`list_objects`)."""
+        return self.key
 
 
 @dataclass
@@ -661,7 +667,7 @@ def push_dir(
         marker_files.append(lf)
     big_markers = [lf for lf in _walk_local(root, flt, markers=True) if lf.size > MARKER_MAX_BYTES]
     data_files = list(_walk_local(root, flt, markers=False)) + big_markers
-    remote = _list_folder(store, prefix)
+    remote = _list_folder(store, prefix, include)
 
     def want_key(lf: _LocalFile) -> str:
         return _join(prefix, lf.rel)
@@ -741,9 +747,31 @@ def push_dir(
     return res
 
 
-def _list_folder(store: _Store, prefix: str) -> dict[str, ObjectInfo]:
-    """The objects under folder ``prefix`` (not those of a sibling that merely starts with the same text)."""
-    return store.list(f"{prefix}/" if prefix else "")
+def _literal_prefix(pattern: str) -> str | None:
+    """The fixed leading folders of an include pattern with a '/' (None: it may match anywhere)."""
+    pat = pattern.strip().removeprefix("./")
+    if "/" not in pat.rstrip("/"):
+        return None
+    cut = min([i for i, ch in enumerate(pat) if ch in "*?["] + [len(pat)])
+    head = pat[:cut]
+    return head if cut == len(pat) else head[: head.rfind("/") + 1]
+
+
+def _list_folder(store: _Store, prefix: str, include: Sequence[str] = ()) -> dict[str, ObjectInfo]:
+    """The objects under folder ``prefix`` (not those of a sibling that merely starts with the same text).
+
+    When every include pattern starts with fixed folders, only those are listed (a worker publishing one
+    archive's shards does not list the whole run)."""
+    base = f"{prefix}/" if prefix else ""
+    heads = [_literal_prefix(p) for p in include]
+    if not include or any(h is None for h in heads):
+        return store.list(base)
+    out: dict[str, ObjectInfo] = {}
+    for head in sorted(set(h for h in heads if h is not None)):
+        for key, info in store.list(base + head).items():
+            if key.startswith(base):
+                out[key] = info
+    return out
 
 
 def _rel_of(prefix: str, key: str) -> str:
@@ -775,7 +803,7 @@ def pull_dir(
         raise CloudSyncError(f"pull: {root} is not empty (a restore goes into an empty folder only)")
     store, prefix = _open_location(src)
     flt = _make_filter(include, exclude, markers, default_excludes)
-    remote = _list_folder(store, prefix)
+    remote = _list_folder(store, prefix, include)
     items = []
     for key, info in remote.items():
         rel = _rel_of(prefix, key)
@@ -1001,6 +1029,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--if-absent", action="store_true", help="upload only if the object does not exist (exit 4)"
     )
+    p.add_argument("--json", action="store_true", help="print the copy's size and crc32c as JSON")
     p = sub.add_parser("ls", help="list objects under a location")
     p.add_argument("uri")
     p.add_argument("-l", "--long", action="store_true", help="size, crc32c and mtime too")
@@ -1058,6 +1087,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     download_file(args.src, tmp)
                     info = upload_file(tmp, args.dest, if_generation_match=0 if args.if_absent else None)
             _log_err(f"cp: {args.src} -> {args.dest} ({info.size} bytes, crc32c {info.crc32c})")
+            if args.json:
+                print(json.dumps(asdict(info)))
             return 0
         if args.cmd == "ls":
             objs = list_objects(args.uri)

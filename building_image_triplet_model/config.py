@@ -38,6 +38,7 @@ class DataConfig:
     split_strategy: Literal["target", "cell"] = "target"
     split_cell_m: float = 500.0  # cell edge for split_strategy: cell
     knn_k: int = 50
+    knn_chunk_rows: int = 100_000  # KNN rows per durable chunk
     # Model and embedding
     feature_model: str = DEFAULT_MODEL
     image_size: int | None = None  # None: the model's own input size
@@ -109,7 +110,14 @@ class DataConfig:
         return out
 
 
-_INT_MIN = {"batch_size": 1, "num_workers": 0, "prefetch_factor": 1, "index_workers": 0, "knn_k": 1}
+_INT_MIN = {
+    "batch_size": 1,
+    "num_workers": 0,
+    "prefetch_factor": 1,
+    "index_workers": 0,
+    "knn_k": 1,
+    "knn_chunk_rows": 1,
+}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:

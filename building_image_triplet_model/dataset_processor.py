@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from . import config as config_mod
 from . import pipeline
@@ -65,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         task = (args.task_index, args.task_count)
     elif not args.merge:
         task = task_from_env()
+    stop = threading.Event()
+    pipeline.install_signal_handlers(stop)
     if task is not None or args.merge:
         from . import scale_out
 
-        return scale_out.main(cfg, args, task)
-    return pipeline.execute(cfg, fresh=args.fresh)
+        return scale_out.main(cfg, args, task, stop)
+    return pipeline.execute(cfg, fresh=args.fresh, stop=stop)
 
 
 if __name__ == "__main__":

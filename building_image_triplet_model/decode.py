@@ -65,7 +65,8 @@ class Transform:
             new = (max(self.scale_size, round(w * scale)), max(self.scale_size, round(h * scale)))
             img = img.resize(new, _INTERPOLATION[self.interpolation])
         w, h = img.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
+        # Rounded like torchvision's CenterCrop, so the pixels equal timm's own eval transform.
+        left, top = round((w - self.size) / 2.0), round((h - self.size) / 2.0)
         if (w, h) != (self.size, self.size):
             img = img.crop((left, top, left + self.size, top + self.size))
         return np.asarray(img, dtype=np.uint8)

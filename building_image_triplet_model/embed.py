@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import workdir
+from . import faults, workdir
 from .records import REASON_CODE
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class ChunkWriter(threading.Thread):
         emb = np.concatenate([e for e, _ in self._buf]).astype(self.dtype, copy=False)
         codes = np.concatenate([c for _, c in self._buf])
         workdir.write_npz(work.folder / chunk_name(self._start, self._end), {"emb": emb, "codes": codes})
+        faults.point("embed.chunk")
         if self.on_chunk:
             self.on_chunk(work, self._start, self._end)
         done_source = self._end >= work.n
@@ -187,6 +188,7 @@ class ChunkWriter(threading.Thread):
             finish_source(work, self.dim, {})
             if self.on_source_done:
                 self.on_source_done(work)
+            faults.point("embed.source_done")
 
 
 class ImageBatches:
@@ -277,6 +279,7 @@ def embed_all(
         writer.put(s, a, b, emb, codes)
         if on_batch:
             on_batch(b - a)
+        faults.point("embed.batch")
 
     it = iter(loader)
     try:

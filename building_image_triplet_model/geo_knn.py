@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import workdir
+from . import faults, workdir
 
 EARTH_RADIUS_M = 6_371_008.8  # mean Earth radius (IUGG)
 CHUNK_ROWS = 100_000
@@ -107,6 +107,7 @@ def run_split(
                 idx = np.concatenate([p[0] for p in pieces])
                 dist = np.concatenate([p[1] for p in pieces])
                 workdir.write_npz(folder / chunk_name(a, b), {"indices": idx, "distances": dist})
+                faults.point("knn.chunk")
                 if on_rows:
                     on_rows(b - a)
     elif todo:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import records, workdir
+from . import faults, records, workdir
 from .records import D_FIELDS, FIELD_DTYPES, REASON_CODE, REJECT_REASONS, RejectError
 from .sources import InputError, Source, stem_of, walk
 
@@ -192,6 +192,7 @@ def index_all(
                     log.error("%s", exc)
                     continue
                 markers[src.name] = marker
+                faults.point("index.source_done")
                 if progress:
                     progress.advance("index", 1, images=marker["images"])
                 log.info(

@@ -7,6 +7,7 @@ the lock, signal handling and the mapping from failures to exit codes.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import assemble, embed, geo_knn, index, plan, workdir
+from . import assemble, embed, faults, geo_knn, index, plan, workdir
 from .config import ConfigError, DataConfig, fingerprint
 from .errors import BackboneError
 from .progress import Progress, setup_logging, utc_now
@@ -72,6 +73,9 @@ def install_signal_handlers(stop: threading.Event) -> None:
         def watchdog() -> None:
             time.sleep(STOP_GRACE_S)
             log.warning("still busy %.0f s after %s: exiting (completed work is on disk)", STOP_GRACE_S, name)
+            # Decode and index workers would otherwise linger until they notice their parent is gone.
+            for child in multiprocessing.active_children():
+                child.kill()
             logging.shutdown()
             os._exit(EXIT_INTERRUPTED)
 
@@ -245,6 +249,7 @@ class Runner:
                 f"{self.cfg.input_dir}: no valid image/metadata pair (see {self.cfg.rejects_path})"
             )
         workdir.write_npz(path, p)
+        faults.point("plan.written")
         summary = plan.summary(p, names)
         workdir.write_json(self.work / "plan.json", summary)
         log.info(
@@ -282,6 +287,7 @@ class Runner:
                 self.stop,
                 threads,
                 on_rows=lambda n: self.progress.advance("knn", n),
+                chunk_rows=self.cfg.knn_chunk_rows,
             )
             if not complete:
                 raise Interrupted
@@ -372,6 +378,8 @@ class Runner:
             raise Interrupted
         self.progress.finish("embed")
 
+    # Scale-out hooks (scale_out.py): after the index step, after each chunk, after each source.
+    after_index: Any = None
     on_source_published: Any = None
     on_chunk: Any = None
 
@@ -415,6 +423,7 @@ class Runner:
                 self.cfg.embedding_dtype,
                 self.attrs(run, stats, first),
             )
+            faults.point("assemble.skeleton")
             marker = {
                 "run_fp": run["settings_fp"] + run["inputs_fp"],
                 "offset": offset,
@@ -440,6 +449,7 @@ class Runner:
         if not complete:
             raise Interrupted
         assemble.verify(partial, emb_root, names, starts, n, dim)
+        faults.point("assemble.verified")
         os.replace(partial, out)
         workdir.fsync_dir(out.parent)
         self.progress.finish("assemble")
@@ -527,18 +537,14 @@ class Runner:
         workdir.remove_tmp_files(self.work)
         names, present = self.resolve_sources()
         markers = self.step_index(names, present)
-        if self.task:
-            self.check_inputs_task(run, names, markers)
-            cache_names = names
-        else:
-            cache_names = names
-        index.merge_cache(self.work, cache_names, markers)
+        if self.after_index:
+            self.after_index()
+        index.merge_cache(self.work, names, markers)
         sync_uri = os.environ.get("METADATA_CACHE_SYNC_URI")
         if sync_uri and not self.task:
             index.upload_cache(self.work, sync_uri)
         cache = index.load_cache(self.work)
-        if not self.task:
-            self.check_inputs(run, names, markers)
+        self.check_inputs(run, names, markers)
         if not (cfg.rejects_path.exists() and cfg.output.exists()):
             self.write_rejects(cache, names)
         if self.task:
@@ -574,12 +580,6 @@ class Runner:
             cfg.rejects_path,
         )
         return EXIT_OK
-
-    # ---- scale-out hooks (see scale_out.py) ------------------------------------------------------
-    def check_inputs_task(
-        self, run: dict[str, Any], names: list[str], markers: dict[str, dict[str, Any]]
-    ) -> None:
-        self.check_inputs(run, names, markers)
 
     def task_plan(self, cache: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """A worker embeds every good image of its sources: the single run's plan restricted to them."""

@@ -186,13 +186,15 @@ def _next(report: dict[str, Any], run: dict[str, Any]) -> str:
     for step in ("index", "plan", "knn", "embed", "assemble"):
         st = steps[step]
         if st["status"] != "done":
-            what = {
-                "index": f"index {st['archives_total'] - st['archives_done']} archive(s)",
-                "plan": "choose the images and splits",
-                "knn": "compute the remaining geographic KNN rows",
-                "embed": "embed the remaining images",
-                "assemble": "assemble the HDF5 artifact",
-            }[step]
+            if step == "index":
+                what = f"index {st['archives_total'] - st['archives_done']} archive(s)"
+            else:
+                what = {
+                    "plan": "choose the images and splits",
+                    "knn": "compute the remaining geographic KNN rows",
+                    "embed": "embed the remaining images",
+                    "assemble": "assemble the HDF5 artifact",
+                }[step]
             return f"{'continue' if st['status'] == 'in progress' else 'start'} at {step}: {what}"
     return "finish the run"
 

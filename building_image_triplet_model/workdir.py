@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from . import faults
+
 TMP_SUFFIX = ".tmp"
 SUCCESS = "_SUCCESS.json"
 
@@ -55,6 +57,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

@@ -1,0 +1,52 @@
+"""Failpoints: named moments where the crash-safety tests kill the processor with a real signal.
+
+Inactive (one dict lookup) unless TRIPLET_FAILPOINT is set, e.g. ``embed.chunk@2`` (SIGKILL the
+processor's whole process group at the 2nd chunk) or ``write:*.npz@1:TERM``. A pattern is matched with
+fnmatch against the point's name; ``write:<file name>`` points sit between a file's fsync and its rename.
+The action STALL sleeps for an hour instead (to test the stop watchdog). For tests only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+import threading
+import time
+
+_SPEC = os.environ.get("TRIPLET_FAILPOINT", "")
+_lock = threading.Lock()
+_count = 0
+
+
+def _parse(spec: str) -> tuple[str, int, str]:
+    pattern, _, rest = spec.partition("@")
+    nth, _, action = rest.partition(":")
+    return pattern, int(nth or 1), (action or "KILL").upper()
+
+
+def point(name: str) -> None:
+    if not _SPEC:
+        return
+    _hit(name)
+
+
+def _hit(name: str) -> None:
+    global _count
+    pattern, nth, action = _parse(_SPEC)
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    with _lock:
+        _count += 1
+        if _count != nth:
+            return
+    if action == "STALL":
+        time.sleep(3600)
+        return
+    sig = getattr(signal, f"SIG{action}")
+    try:
+        os.killpg(os.getpgid(0), sig)  # the whole job, as systemd or a power cut would
+    except PermissionError:
+        os.kill(os.getpid(), sig)
+    if sig == signal.SIGKILL:
+        time.sleep(60)  # never returns
