@@ -69,12 +69,21 @@ def _source_filters(names: list[str]) -> list[str]:
     return out
 
 
+def adopt_settings(cfg: DataConfig, run_uri: str) -> None:
+    """Shards pulled from the run are trusted locally: claim_settings checked they share our settings."""
+    if not (cfg.work / "run.json").exists():
+        settings = cfg.settings()
+        record = {"settings": settings, "settings_fp": fingerprint(settings), "created": utc_now()}
+        workdir.write_json(cfg.work / "run.json", {**record, "shards_from": run_uri})
+
+
 def restore(run_uri: str, cfg: DataConfig, names: list[str]) -> None:
     shards = join(run_uri, "shards")
     if not cloud_sync.exists(shards):
         return
     result = cloud_sync.pull_dir(shards, cfg.work, include=_source_filters(names))
     log.info("restored shards from %s: %s", shards, result.summary("pulled"))
+    adopt_settings(cfg, run_uri)
 
 
 def publish(run_uri: str, cfg: DataConfig, names: list[str]) -> None:
@@ -99,14 +108,26 @@ def worker(
     if run_uri:
         claim_settings(cfg, run_uri, create=True)
         restore(run_uri, cfg, names)
+    published = {n: (workdir.read_json(cfg.work / "index" / f"{n}.json") or {}).get("digest") for n in names}
+
+    def after_index() -> None:
+        # A re-downloaded archive is indexed again; its embeddings are only valid if its content is the same.
+        for n in names:
+            now = (workdir.read_json(cfg.work / "index" / f"{n}.json") or {}).get("digest")
+            if published[n] and now != published[n]:
+                raise pipeline.ResumeRefused(
+                    f"archive {n} differs from the one this run's shards were made from; "
+                    "restore the original archive or start a new run id"
+                )
+        if run_uri:
+            publish(run_uri, cfg, names)
 
     def hooks(runner: pipeline.Runner) -> None:
-        if not run_uri:
-            return
-        # Publishing from the writer thread: a chunk reaches the bucket seconds after it is on disk.
-        runner.on_chunk = lambda work, a, b: publish(run_uri, cfg, [work.name])
-        runner.on_source_published = lambda name: publish(run_uri, cfg, [name])
-        runner.after_index = lambda: publish(run_uri, cfg, names)
+        runner.after_index = after_index
+        if run_uri:
+            # Publishing from the writer thread: a chunk reaches the bucket seconds after it is on disk.
+            runner.on_chunk = lambda work, a, b: publish(run_uri, cfg, [work.name])
+            runner.on_source_published = lambda name: publish(run_uri, cfg, [name])
 
     code = pipeline.execute(cfg, fresh=fresh, task=pipeline.Task(*task), stop=stop, hooks=hooks)
     if code == pipeline.EXIT_OK and run_uri:
@@ -148,6 +169,7 @@ def merge(
         wait_for_shards(run_uri, names, timeout_s)
         result = cloud_sync.pull_dir(join(run_uri, "shards"), cfg.work, include=_source_filters(names))
         log.info("pulled shards: %s", result.summary("pulled"))
+        adopt_settings(cfg, run_uri)
     return pipeline.execute(cfg, fresh=fresh, merge=True, stop=stop)
 
 

@@ -1,43 +1,12 @@
-"""Shared fixtures for the engine tests: real sample archives, configs for a tiny model, artifact readers."""
+"""Session fixtures for the engine tests (helpers live in engine_helpers.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
 import pytest
-import yaml
-
-from building_image_triplet_model import sample_data
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A timm test model (~370k parameters) at 32 px: real timm code paths, a fraction of a second per batch.
-TINY = {
-    "feature_model": "test_resnet.r160_in1k",
-    "image_size": 32,
-    "pretrained": False,
-    "device": "cpu",
-    "precision": "fp32",
-    "batch_size": 8,
-    "num_workers": 0,
-    "knn_k": 5,
-    "checkpoint_interval_s": 0,
-    "knn_chunk_rows": 16,
-    "index_workers": 2,
-}
-
-
-def make_archives(out: Path, archives: int = 3, targets: int = 10, bad: bool = True, seed: int = 0) -> dict:
-    return sample_data.generate(
-        sample_data.Options(out=out, archives=archives, targets_per_archive=targets, seed=seed, bad=bad)
-    )
+from engine_helpers import make_archives, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -46,56 +15,6 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("archives")
     summary = make_archives(out)
     return out, summary
-
-
-def write_config(path: Path, **data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"data": data}, sort_keys=False))
-    return path
-
-
-def tiny_config(tmp: Path, input_dir: Path, name: str = "cfg.yaml", **overrides: Any) -> Path:
-    data = {"input_dir": str(input_dir), "hdf5_path": str(tmp / "out" / "dataset.h5"), **TINY, **overrides}
-    return write_config(tmp / name, **data)
-
-
-def run_cli(
-    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """Run one of the package's modules as a real subprocess (its own process group)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", f"building_image_triplet_model.{module}", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
-
-
-def read_artifact(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of an HDF5 file, by name."""
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-        )
-    return out
-
-
-def assert_same_arrays(a: Path, b: Path) -> None:
-    x, y = read_artifact(a), read_artifact(b)
-    assert sorted(x) == sorted(y)
-    for name in x:
-        assert x[name].dtype == y[name].dtype, name
-        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.fixture(scope="session")

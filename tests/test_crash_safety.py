@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_same_arrays, tiny_config
+from engine_helpers import REPO, assert_same_arrays, tiny_config
 
 from building_image_triplet_model import config, preprocess_resume
 

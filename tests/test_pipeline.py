@@ -6,7 +6,7 @@ import threading
 import h5py
 import numpy as np
 import yaml
-from conftest import read_artifact, run_cli, tiny_config
+from engine_helpers import read_artifact, run_cli, tiny_config
 
 from building_image_triplet_model import config, geo_knn, pipeline, preprocess_resume
 from building_image_triplet_model.decode import ImageReader
