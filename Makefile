@@ -6,29 +6,51 @@ SHELL := /bin/bash
 UV_VERSION ?= 0.13.9
 PYTHON ?= python3
 UV ?= uv
-# Keep uv's downloads and cache inside the machine's normal cache; never fetch a Python build.
+# Never download a Python build: the system's Python 3.11+ (Debian 12's on the VM) is the interpreter.
 export UV_PYTHON_DOWNLOADS := never
 RUN := $(UV) run --frozen
 
-DEMO_DIR ?= build/demo
-
-.PHONY: help setup sys-deps demo test lint bench clean
+.PHONY: help setup sys-deps demo demo-clean test test-fast lint format bench bench-gpu-small clean
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-setup: ## install uv (pinned) and the locked environment
-	@command -v $(UV) >/dev/null 2>&1 && $(UV) --version | grep -q "$(UV_VERSION)" || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+setup: ## install uv (pinned) and the locked environment (.venv)
+	@if ! $(UV) --version 2>/dev/null | grep -q "uv $(UV_VERSION)"; then \
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"; fi
 	$(UV) sync --frozen
 
 sys-deps: ## Debian packages the tests and the dry run use (aria2)
-	@command -v aria2c >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq aria2 >/dev/null; }
+	@if ! command -v aria2c >/dev/null 2>&1; then \
+		sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd=sudo; \
+		$$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq aria2 >/dev/null; fi
 
-lint: setup ## ruff and shellcheck
-	$(RUN) ruff check .
-	$(RUN) ruff format --check .
-	git ls-files -z '*.sh' '.ci/run' | xargs -0 -r $(RUN) shellcheck -x
+demo: setup sys-deps dry-run ## sample archives -> download -> extract -> preprocess (CPU, tiny model) -> status
 
-test: setup sys-deps ## the whole test suite
+demo-clean: dry-run-clean ## forget the demo's output so that `make demo` starts from nothing
+
+test: setup sys-deps ## the whole test suite (~20 min on 2 cores)
 	$(RUN) pytest -q
 
+test-fast: setup ## the suite without the slow end-to-end drills
+	$(RUN) pytest -q -m "not slow"
+
+lint: setup ## ruff (lint and format check) and shellcheck on every script
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	git ls-files -z -- '*.sh' .ci/run | xargs -0 -r $(RUN) shellcheck -x
+
+format: setup ## apply ruff's formatting and safe fixes
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+bench: setup ## every benchmark; figures in benchmarks/results/ (*.json and README.md)
+	$(RUN) python benchmarks/run_all.py
+
+bench-gpu-small: setup ## the prepared GPU benchmark at tiny sizes (proves it runs without a GPU)
+	$(RUN) python benchmarks/gpu.py --small
+
+clean: ## remove build outputs (sample archives, demo, benchmark scratch); keeps .venv
+	rm -rf build
+
 include gcp/gcp.mk
+include gcp/provision.mk

@@ -30,10 +30,30 @@ class Backbone:
     data_config: dict[str, Any]
     output_size: int
     weights: str  # where the weights came from: "random (pretrained: false)", a file, or a hub id
+    channels_last: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC pixels (any device) -> float32 embeddings on the device. The one forward path: the
+        pipeline and the benchmarks' forward-only figures both run exactly this."""
+        mean, std = self._norm
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = ((x - mean) / std).contiguous(memory_format=fmt)
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model(x).float()
+
+    @property
+    def _norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.__dict__.get("_norm_cache")
+        if cached is None:
+            cached = normalizer(self)
+            object.__setattr__(self, "_norm_cache", cached)
+        return cached
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +96,8 @@ def _hub_weights_file(model_name: str) -> str:
 def load(cfg: DataConfig) -> Backbone:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if cfg.image_size is not None:
         pcfg = timm.get_pretrained_cfg(cfg.feature_model)
@@ -126,6 +148,7 @@ def load(cfg: DataConfig) -> Backbone:
         data_config=data_config,
         output_size=int(getattr(model, "num_features", 0) or _probe_width(model, data_config, device)),
         weights=weights,
+        channels_last=cfg.channels_last,
     )
 
 

@@ -52,6 +52,7 @@ class DataConfig:
     embedding_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = 64
     num_workers: int = 4  # DataLoader decode workers
+    cpu_threads: int = 0  # torch threads for the model on the CPU (0: torch's default)
     prefetch_factor: int = 4
     index_workers: int = 0  # 0: one per CPU core
     # Durability
@@ -117,6 +118,7 @@ _INT_MIN = {
     "index_workers": 0,
     "knn_k": 1,
     "knn_chunk_rows": 1,
+    "cpu_threads": 0,
 }
 
 

@@ -30,7 +30,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["PRICES", "PRICES_READ_ON", "Estimate", "Inputs", "Price", "estimate", "main", "render_markdown"]
+__all__ = [
+    "PRICES",
+    "PRICES_READ_ON",
+    "Estimate",
+    "Inputs",
+    "Price",
+    "estimate",
+    "main",
+    "render_markdown",
+    "update_doc",
+]
 
 PRICES_READ_ON = "2026-11-29"
 HOURS_PER_MONTH = 730.0  # Google Cloud prorates GB-month prices over 730 hours
@@ -458,7 +468,32 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print the estimate as JSON")
     out.add_argument("--markdown", action="store_true", help="print the tables of docs/costs.md")
     out.add_argument("--prices", action="store_true", help="print every price with its source")
+    out.add_argument(
+        "--update-doc",
+        metavar="FILE",
+        help="replace the generated block of FILE (docs/costs.md) with the current tables",
+    )
     return p
+
+
+DOC_BEGIN = "<!-- costs:begin -->"
+DOC_END = "<!-- costs:end -->"
+
+
+def update_doc(path: str, inp: Inputs | None = None) -> bool:
+    """Rewrites the block between DOC_BEGIN and DOC_END; returns True when the file changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, sep, rest = text.partition(DOC_BEGIN + "\n")
+    _, sep2, tail = rest.partition("\n" + DOC_END)
+    if not sep or not sep2:
+        raise ValueError(f"{path}: no {DOC_BEGIN} ... {DOC_END} block")
+    new = head + sep + render_markdown(inp) + sep2 + tail
+    if new == text:
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,7 +524,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.markdown:
+    if args.update_doc:
+        try:
+            changed = update_doc(args.update_doc, inp)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.update_doc}: {'updated' if changed else 'up to date'}")
+    elif args.markdown:
         print(render_markdown(inp))
     elif args.prices:
         for key, p in PRICES.items():

@@ -240,7 +240,6 @@ def embed_all(
     """Embed every pending batch. True when all sources are complete, False when stopped."""
     import torch
 
-    from .backbone import normalizer
     from .decode import Transform
 
     order = [(s, a, b) for s, w in enumerate(works) for a, b in w.pending]
@@ -265,9 +264,6 @@ def embed_all(
     )
     writer = ChunkWriter(works, cfg.checkpoint_interval_s, cfg.embedding_dtype, on_chunk, on_source_done)
     writer.start()
-    mean, std = normalizer(backbone)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    autocast = backbone.autocast_dtype
     pending: tuple[tuple[int, int, int], torch.Tensor, np.ndarray, Any] | None = None
 
     def deliver(p: tuple[tuple[int, int, int], torch.Tensor, np.ndarray, Any]) -> None:
@@ -291,11 +287,7 @@ def embed_all(
                 pixels = torch.as_tensor(pixels_np)
                 if cuda:
                     pixels = pixels.pin_memory() if not pixels.is_pinned() else pixels
-                x = pixels.to(backbone.device, non_blocking=True).permute(0, 3, 1, 2).float()
-                x = ((x - mean) / std).contiguous(memory_format=memory_format)
-                with torch.autocast(backbone.device.type, dtype=autocast, enabled=autocast is not None):
-                    out = backbone.model(x)
-                out = out.float().to("cpu", non_blocking=cuda)
+                out = backbone.embed(pixels).to("cpu", non_blocking=cuda)
                 event = None
                 if cuda:
                     event = torch.cuda.Event()

@@ -62,35 +62,35 @@ def build_source_index(source: Source) -> tuple[dict[str, np.ndarray], list[tupl
             rejects.append((m.path, "not_a_regular_file", ""))
         elif m.kind == "other":
             rejects.append((m.path, "unrecognized_file", ""))
+        elif m.kind == "jpg":
+            jpgs.setdefault(stem_of(m.path), []).append((m.path, m.offset, m.size))
         else:
-            (jpgs if m.kind == "jpg" else txts).setdefault(stem_of(m.path), []).append(m)
+            # Parsed at once: a few numbers stay in memory instead of the text (archives hold ~10^6 members).
+            txts.setdefault(stem_of(m.path), []).append((m.path, _parse(m.data, m.size)))
     cols: dict[str, list[Any]] = {name: [] for name in COLUMNS}
     for stem in sorted(jpgs.keys() | txts.keys()):
         js, ts = jpgs.get(stem, []), txts.get(stem, [])
         if len(js) > 1 or len(ts) > 1:
-            rejects.extend((m.path, "duplicate_stem", f"{len(js)} images, {len(ts)} txt") for m in js + ts)
+            rejects.extend((m[0], "duplicate_stem", f"{len(js)} images, {len(ts)} txt") for m in js + ts)
             continue
         if not ts:
-            rejects.append((js[0].path, "orphan_jpg", ""))
+            rejects.append((js[0][0], "orphan_jpg", ""))
             continue
         if not js:
-            rejects.append((ts[0].path, "orphan_txt", ""))
+            rejects.append((ts[0][0], "orphan_txt", ""))
             continue
-        jpg, txt = js[0], ts[0]
-        if jpg.size == 0:
-            rejects.append((jpg.path, "empty_image", ""))
+        (jpg_path, offset, size), (txt_path, parsed) = js[0], ts[0]
+        if size == 0:
+            rejects.append((jpg_path, "empty_image", ""))
             continue
-        try:
-            if txt.data is None:
-                raise RejectError("unreadable_txt", f"{txt.size} bytes")
-            *ids, floats = records.parse_d_line(txt.data)
-        except RejectError as exc:
-            rejects.append((txt.path, exc.reason, exc.detail))
+        if isinstance(parsed, RejectError):
+            rejects.append((txt_path, parsed.reason, parsed.detail))
             continue
+        *ids, floats = parsed
         cols["stem"].append(stem)
-        cols["path"].append(jpg.path)
-        cols["offset"].append(jpg.offset)
-        cols["size"].append(jpg.size)
+        cols["path"].append(jpg_path)
+        cols["offset"].append(offset)
+        cols["size"].append(size)
         for name, value in zip(D_FIELDS, (*ids, *floats), strict=True):
             cols[name].append(value)
     arrays: dict[str, np.ndarray] = {
@@ -106,6 +106,15 @@ def build_source_index(source: Source) -> tuple[dict[str, np.ndarray], list[tupl
     arrays["rej_reason"] = np.array([REASON_CODE[r[1]] for r in rejects], np.int8)
     arrays["rej_detail"] = _bytes_array([r[2][:200] for r in rejects])
     return arrays, rejects
+
+
+def _parse(data: bytes | None, size: int) -> tuple | RejectError:
+    if data is None:
+        return RejectError("unreadable_txt", f"{size} bytes")
+    try:
+        return records.parse_d_line(data)
+    except RejectError as exc:
+        return exc
 
 
 def index_source(source: Source, work: Path) -> dict[str, Any]:
@@ -143,10 +152,12 @@ def cached_marker(source: Source | None, work: Path, name: str) -> dict[str, Any
 
 
 def _worker_init() -> None:
-    # Index workers must not write shards after the parent is gone; dying with it is right.
+    # A stop request is the parent's to handle (it terminates us); a SIGTERM to the whole group (systemd,
+    # preemption) ends a worker at once: its shard is only ever renamed into place when complete.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def index_all(
@@ -171,7 +182,9 @@ def index_all(
         return markers
     log.info("indexing %d of %d sources with %d processes", len(todo), len(sources), min(workers, len(todo)))
     errors: list[str] = []
-    ctx = mp.get_context("spawn")
+    # fork: workers need only what is already imported (numpy, tarfile), start in milliseconds, and the
+    # caller's script is not re-imported (spawn would re-run a script that lacks a __main__ guard).
+    ctx = mp.get_context("fork")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init)
     pending: dict[Future[dict[str, Any]], Source] = {}
     queue = list(todo)
@@ -213,8 +226,9 @@ def index_all(
     return markers
 
 
-def load_shard(work: Path, name: str) -> dict[str, np.ndarray]:
-    return workdir.read_npz(shard_paths(work, name)[0])
+def load_shard(work: Path, name: str, lazy: bool = False) -> dict[str, np.ndarray] | workdir.LazyNpz:
+    path = shard_paths(work, name)[0]
+    return workdir.LazyNpz(path) if lazy else workdir.read_npz(path)
 
 
 def merge_cache(work: Path, names: list[str], markers: dict[str, dict[str, Any]]) -> Path:
@@ -255,8 +269,9 @@ def read_cache_header(path: Path) -> tuple[list[str], list[str]] | None:
     return names, digests
 
 
-def load_cache(work: Path) -> dict[str, np.ndarray]:
-    return workdir.read_npz(work / CACHE_NAME)
+def load_cache(work: Path) -> workdir.LazyNpz:
+    """The merged index; columns are read from disk when first used."""
+    return workdir.LazyNpz(work / CACHE_NAME)
 
 
 def reject_reason_names(codes: np.ndarray) -> list[str]:

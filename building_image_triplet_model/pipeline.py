@@ -113,6 +113,7 @@ class Runner:
         self.work = cfg.work
         self.progress = Progress(self.work)
         self.run_path = self.work / "run.json"
+        self.markers: dict[str, dict[str, Any]] = {}
 
     # ---- identity ------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -341,13 +342,20 @@ class Runner:
             "input_size": list(model.data_config["input_size"]),
         }
 
+        # Locators come from the per-source shards of the sources with work left, not the merged cache:
+        # a resumed run reads index data in proportion to what remains.
+        first_row = np.cumsum([0] + [self.markers[n]["images"] for n in names])
+        shards: dict[int, Any] = {}
+
         def items_for(s: int, a: int, b: int) -> dict[str, np.ndarray]:
-            rows = p["rows"][starts[s] + a : starts[s] + b]
+            if s not in shards:
+                shards[s] = index.load_shard(self.work, names[s], lazy=True)
+            local = p["rows"][starts[s] + a : starts[s] + b] - first_row[s]
             return {
-                "source": cache["source_idx"][rows],
-                "path": cache["path"][rows],
-                "offset": cache["offset"][rows],
-                "size": cache["size"][rows],
+                "source": np.full(len(local), s, np.int32),
+                "path": shards[s]["path"][local],
+                "offset": shards[s]["offset"][local],
+                "size": shards[s]["size"][local],
             }
 
         def on_source_done(w: embed.SourceWork) -> None:
@@ -370,7 +378,7 @@ class Runner:
             reader,
             self.cfg,
             self.stop,
-            on_batch=lambda n: self.progress.advance("embed", n),
+            on_batch=self._batch_done,
             on_source_done=on_source_done,
             on_chunk=self.on_chunk,
         )
@@ -378,7 +386,13 @@ class Runner:
             raise Interrupted
         self.progress.finish("embed")
 
-    # Scale-out hooks (scale_out.py): after the index step, after each chunk, after each source.
+    def _batch_done(self, n: int) -> None:
+        self.progress.advance("embed", n)
+        if self.on_batch:
+            self.on_batch(n)
+
+    # Hooks for scale-out (scale_out.py) and benchmarks: after the index step, each batch, chunk, source.
+    on_batch: Any = None
     after_index: Any = None
     on_source_published: Any = None
     on_chunk: Any = None
@@ -537,6 +551,7 @@ class Runner:
         workdir.remove_tmp_files(self.work)
         names, present = self.resolve_sources()
         markers = self.step_index(names, present)
+        self.markers = markers
         if self.after_index:
             self.after_index()
         index.merge_cache(self.work, names, markers)

@@ -46,7 +46,7 @@ class Source:
         return {"name": self.name, "size": size, "files": count, "mtime_ns": mtime}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     path: str  # member name in the archive, or path relative to the source folder
     kind: Literal["jpg", "txt", "other", "irregular"]

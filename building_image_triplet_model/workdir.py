@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -108,6 +108,25 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load every array of an npz file. Never unpickles: files may come back from a bucket."""
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+class LazyNpz(Mapping[str, np.ndarray]):
+    """An npz file whose arrays are read on first use: a resumed run reads only the columns it needs."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._npz = np.load(path, allow_pickle=False)
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._loaded:
+            self._loaded[key] = self._npz[key]
+        return self._loaded[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._npz.files)
+
+    def __len__(self) -> int:
+        return len(self._npz.files)
 
 
 def remove_tmp_files(root: Path) -> int:

@@ -1,0 +1,231 @@
+"""Helpers for the provisioning tests: dry-run command extraction, the real gcloud parser, the stand-in.
+
+A uniquely named module (not conftest.py) so that `from provision_helpers import ...` is unambiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROVISION = REPO / "gcp" / "provision.sh"
+BATCH_SUBMIT = REPO / "gcp" / "batch_submit.sh"
+HERE = Path(__file__).resolve().parent
+PARSER_HARNESS = HERE / "gcloud_parse.py"
+FAKE_GCLOUD = HERE / "fake_gcloud.py"
+NO_ACCOUNT = "You do not currently have an active account selected"
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+def find_gcloud_lib() -> Path | None:
+    """The SDK's lib folder (holding googlecloudsdk/gcloud_main.py), or None when gcloud is not installed."""
+    exe = shutil.which("gcloud")
+    if exe is None:
+        return None
+    lib = Path(exe).resolve().parent.parent / "lib"
+    if (lib / "googlecloudsdk" / "gcloud_main.py").is_file():
+        return lib
+    out = subprocess.run(
+        [exe, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, check=False
+    )
+    lib = Path(out.stdout.strip()) / "lib"
+    return lib if (lib / "googlecloudsdk" / "gcloud_main.py").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def gcloud_lib() -> Path:
+    lib = find_gcloud_lib()
+    if lib is None:
+        if os.environ.get("REQUIRE_GCLOUD") == "1":
+            pytest.fail("gcloud is not installed but REQUIRE_GCLOUD=1")
+        pytest.skip("the Google Cloud CLI (gcloud) is not installed")
+    return lib
+
+
+def run_parser(lib: Path, commands: Sequence[Sequence[str]], workdir: Path) -> list[dict[str, object]]:
+    """Runs every command (argv without 'gcloud') through the real CLI, in one process, with no account."""
+    config_dir = workdir / "gcloud-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "parse-results.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDSDK_", "GOOGLE_"))}
+    env["CLOUDSDK_CONFIG"] = str(config_dir)
+    env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-S", str(PARSER_HARNESS), str(lib), str(out)],
+        input=json.dumps([list(c) for c in commands]),
+        text=True,
+        capture_output=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def rejected(results: Iterable[dict[str, object]]) -> list[str]:
+    """Commands that did not get past gcloud's flag parsing and validation."""
+    bad = []
+    for r in results:
+        ok = (r["code"] == 1 and NO_ACCOUNT in str(r["stderr"])) or r["code"] == 0
+        if not ok:
+            bad.append(
+                f"gcloud {shlex.join(r['argv'])}  ->  exit {r['code']}: {str(r['stderr']).strip()[:400]}"
+            )  # type: ignore[arg-type]
+    return bad
+
+
+def gcloud_lines(text: str) -> list[list[str]]:
+    """The gcloud commands of a dry run: run lines and '# look:' lines, as argv lists without 'gcloud'."""
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("# look: "):
+            line = line[len("# look: ") :]
+        if line.startswith("gcloud "):
+            words = shlex.split(line)
+            commands.append(words[1:])
+    return commands
+
+
+def run_script(
+    script: Path, args: Sequence[str], env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [BASH, str(script), *args], capture_output=True, text=True, env=full_env, check=False, timeout=120
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{script.name} {shlex.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def make_run_files(tmp_path: Path) -> dict[str, Path]:
+    """A preprocess YAML, a scripts folder and a manifest (independent of the other work in progress)."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("startup_preprocess.sh", "shutdown_preprocess.sh", "lib.sh", "download_archives.sh"):
+        (scripts / name).write_text(f"#!/bin/bash\n# stand-in {name}\n")
+    (scripts / "bootstrap_helpers.py").write_text("# stand-in helper\n")
+    (scripts / "notes.txt").write_text("not uploaded\n")
+    config = tmp_path / "preprocess.yaml"
+    config.write_text("model:\n  name: vit_base_patch14_dinov2.lvd142m\n")
+    manifest = tmp_path / "raw_archives.txt"
+    manifest.write_text("https://example.invalid/0003.tar\n\tout=dataset_unaligned/0003.tar\n")
+    return {"scripts": scripts, "config": config, "manifest": manifest}
+
+
+@pytest.fixture
+def run_files(tmp_path: Path) -> dict[str, Path]:
+    return make_run_files(tmp_path)
+
+
+def file_sets(files: dict[str, Path]) -> list[str]:
+    return [
+        "--set",
+        f"PREPROCESS_CONFIG={files['config']}",
+        "--set",
+        f"SCRIPTS_DIR={files['scripts']}",
+        "--set",
+        f"MANIFEST_SOURCE={files['manifest']}",
+    ]
+
+
+@dataclass
+class FakeCloud:
+    """The stand-in gcloud on PATH, its state file and its call log."""
+
+    bin_dir: Path
+    state: Path
+    log: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FAKE_GCLOUD_STATE": str(self.state),
+            "FAKE_GCLOUD_LOG": str(self.log),
+        }
+        env.update(extra)
+        return env
+
+    def calls(self) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def reset_log(self) -> None:
+        self.log.write_text("")
+
+    def read_state(self) -> dict[str, object]:
+        return json.loads(self.state.read_text())
+
+    def write_state(self, state: dict[str, object]) -> None:
+        self.state.write_text(json.dumps(state))
+
+
+@pytest.fixture
+def fake_cloud(tmp_path: Path) -> FakeCloud:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "gcloud"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{FAKE_GCLOUD}" "$@"\n')
+    wrapper.chmod(0o755)
+    return FakeCloud(bin_dir=bin_dir, state=tmp_path / "cloud-state.json", log=tmp_path / "gcloud-calls.log")
+
+
+MUTATING_VERBS = {
+    "create",
+    "enable",
+    "add-metadata",
+    "update",
+    "add-iam-policy-binding",
+    "remove-iam-policy-binding",
+    "cp",
+    "rm",
+    "delete",
+    "set-instance-template",
+    "update-instances",
+    "start",
+    "undelete",
+    "snapshot",
+    "submit",
+}
+
+
+def verb_path(argv: Sequence[str]) -> str:
+    """'compute disks create' from ['compute', 'disks', 'create', 'raw-data-1tb', '--zone=...']."""
+    words = []
+    for w in argv:
+        if w.startswith("-") or w.startswith("gs://") or "/" in w or "@" in w:
+            break
+        words.append(w)
+        if w in MUTATING_VERBS or w in {
+            "describe",
+            "list",
+            "get-iam-policy",
+            "hash",
+            "ls",
+            "cat",
+            "list-instances",
+        }:
+            break
+    return " ".join(words)
+
+
+def mutations(calls: Iterable[Sequence[str]]) -> list[list[str]]:
+    return [list(c) for c in calls if verb_path(c).split(" ")[-1] in MUTATING_VERBS]
+
+
+CallFilter = Callable[[Sequence[str]], bool]

@@ -1,0 +1,171 @@
+"""The cost model: arithmetic, consistency with the lifecycle rules and with docs/costs.md, command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from building_image_triplet_model import costs
+from building_image_triplet_model.costs import PRICES, Inputs, estimate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_price_has_a_source_a_unit_and_one_read_date() -> None:
+    dt.date.fromisoformat(costs.PRICES_READ_ON)
+    for key, price in PRICES.items():
+        assert price.usd >= 0, key
+        assert price.unit, key
+        assert len(price.source) > 20, key
+    assert PRICES["vm.g2-standard-16.spot"].usd < PRICES["vm.g2-standard-16.on_demand"].usd
+
+
+def test_vm_hours_without_preemptions_are_the_sum_of_the_phases() -> None:
+    inp = Inputs(
+        images=7.2e6, images_per_s=200, spot=False, archives_gb=360, download_mb_s=100, read_mb_s=200
+    )
+    est = estimate(inp)
+    assert est.embed_h == pytest.approx(10.0)
+    expected = inp.setup_h + 1.0 + 0.5 + 10.0 + inp.tail_h  # download 1 h, index 0.5 h, merge on the VM
+    assert est.vm_h_per_worker == pytest.approx(expected)
+    assert est.preemptions == 0
+    assert est.lines["GPU VMs"] == pytest.approx(expected * PRICES["vm.g2-standard-16.on_demand"].usd)
+
+
+def test_preemptions_stretch_the_run_by_the_work_they_lose() -> None:
+    inp = Inputs(spot=True, preemptions_per_day=2.0, checkpoint_interval_min=30, restart_min=15)
+    est = estimate(inp)
+    loss = 0.25 + 0.25
+    assert inp.loss_per_preemption_h == pytest.approx(loss)
+    assert est.vm_h_per_worker == pytest.approx(est.base_vm_h / (1 - 2.0 * loss / 24))
+    assert est.preemptions == pytest.approx(2.0 * est.vm_h_per_worker / 24)
+    assert est.wall_h == pytest.approx(est.vm_h_per_worker + est.preemptions * inp.capacity_wait_h)
+    calm = estimate(replace(inp, preemptions_per_day=0.0))
+    assert calm.vm_h_per_worker == pytest.approx(calm.base_vm_h)
+    assert est.total > calm.total
+
+
+def test_spot_is_cheaper_than_on_demand_but_not_faster() -> None:
+    spot, on_demand = estimate(Inputs(spot=True)), estimate(Inputs(spot=False))
+    assert spot.lines["GPU VMs"] < 0.5 * on_demand.lines["GPU VMs"]
+    assert spot.total < on_demand.total
+    assert spot.wall_h > on_demand.wall_h
+
+
+@pytest.mark.parametrize("field", ["images", "preemptions_per_day", "disk_keep_days", "artifact_keep_days"])
+def test_cost_grows_with_every_quantity(field: str) -> None:
+    base = Inputs()
+    more = replace(base, **{field: getattr(base, field) * 2 + 1})
+    assert estimate(more).total > estimate(base).total
+
+
+def test_cost_falls_as_throughput_rises() -> None:
+    totals = [estimate(Inputs(images_per_s=ips)).total for ips in (100, 150, 200, 250, 300)]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_batch_divides_the_work_and_adds_a_merge_vm() -> None:
+    one, eight = estimate(Inputs(workers=1)), estimate(Inputs(workers=8))
+    assert eight.embed_h == pytest.approx(one.embed_h / 8)
+    assert eight.wall_h < one.wall_h / 3
+    assert "merge VM (CPU)" in eight.lines
+    assert "merge VM (CPU)" not in one.lines
+    # A Batch retry starts on a fresh VM: it repeats the setup.
+    assert Inputs(workers=8).loss_per_preemption_h == pytest.approx(Inputs().loss_per_preemption_h + 0.5)
+
+
+def test_raw_lifecycle_days_match_the_bucket_rules() -> None:
+    rules = json.loads((REPO / "gcp" / "lifecycle" / "raw-bucket.json").read_text())["rule"]
+    nearline = next(r for r in rules if r["action"].get("storageClass") == "NEARLINE")["condition"]["age"]
+    coldline = next(r for r in rules if r["action"].get("storageClass") == "COLDLINE")["condition"]["age"]
+    delete = next(r for r in rules if r["action"]["type"] == "Delete")["condition"]["age"]
+    assert (nearline, coldline, delete) == costs.RAW_LIFECYCLE_DAYS
+    # Early-deletion minimums: Nearline 30 days, Coldline 90 days.
+    assert coldline - nearline >= 30
+    assert delete - coldline >= 90
+
+
+def test_raw_mirror_cost_follows_the_schedule() -> None:
+    est = estimate(Inputs(archives_gb=100, raw_lifecycle_days=(30, 90, 365)))
+    month = costs.DAYS_PER_MONTH
+    expected = 100 * (0.020 * 30 + 0.010 * 60 + 0.004 * 275) / month
+    assert est.lines["raw archive mirror (lifecycle)"] == pytest.approx(expected)
+    assert "raw archive mirror (lifecycle)" not in estimate(Inputs(mirror_raw=False)).lines
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"images": 0},
+        {"images_per_s": -1},
+        {"workers": 0},
+        {"preemptions_per_day": -1},
+        {"preemptions_per_day": 100.0},
+        {"raw_lifecycle_days": (90, 30, 365)},
+        {"disk_type": "hyperdisk-extreme"},
+    ],
+)
+def test_impossible_inputs_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        Inputs(**kwargs)  # type: ignore[arg-type]
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert costs.main(["--images", "2e7", "--images-per-s", "150", "--on-demand"]) == 0
+    text = capsys.readouterr().out
+    assert "on-demand" in text
+    assert "total" in text
+    assert costs.main(["--json", "--workers", "4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["inputs"]["workers"] == 4
+    assert data["total"] == pytest.approx(sum(data["lines"].values()))
+    assert costs.main(["--preemption-rate-per-day", "500"]) == 2
+    assert "never finishes" in capsys.readouterr().err
+    assert costs.main(["--prices"]) == 0
+    assert "vm.g2-standard-16.spot" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        costs.main(["--help"])
+    assert exc.value.code == 0
+
+
+def test_module_help_is_fast_and_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, runpy; sys.argv = ['costs', '--help']\n"
+        "try:\n    runpy.run_module('building_image_triplet_model.costs', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'numpy', 'timm', 'h5py') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    assert "--images-per-s" in out
+    assert "HEAVY []" in out
+
+
+def test_docs_show_the_tables_this_module_prints() -> None:
+    doc = (REPO / "docs" / "costs.md").read_text()
+    m = re.search(r"<!-- costs:begin -->\n(.*?)\n<!-- costs:end -->", doc, flags=re.S)
+    assert m, "docs/costs.md lacks the generated block"
+    assert m.group(1).strip() == costs.render_markdown().strip(), (
+        "docs/costs.md is stale: run `make costs-docs`"
+    )
+
+
+def test_update_doc_rewrites_only_the_block(tmp_path: Path) -> None:
+    doc = tmp_path / "costs.md"
+    doc.write_text("intro\n<!-- costs:begin -->\nold\n<!-- costs:end -->\noutro\n")
+    assert costs.main(["--update-doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- costs:begin -->\n### The real dataset")
+    assert text.endswith("\n<!-- costs:end -->\noutro\n")
+    assert costs.update_doc(str(doc)) is False
+    doc.write_text("no block\n")
+    assert costs.main(["--update-doc", str(doc)]) == 2
