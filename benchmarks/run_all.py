@@ -15,8 +15,23 @@ BENCHES = ["bench_index.py", "bench_datapath.py", "bench_pipeline.py", "bench_kn
 def render() -> str:
     rows = ["| benchmark | figure | value |", "| --- | --- | --- |"]
     machines = set()
+    gpu_rows: list[str] = []
     for path in sorted((HERE / "results").glob("*.json")):
         doc = json.loads(path.read_text())
+        if "forward_only" in doc:  # benchmarks/gpu.py
+            gpu_rows.append(f"### {path.name}: {doc['device']}, torch {doc['torch']}")
+            gpu_rows += [
+                "",
+                "| model | size | precision | batch | compile | channels_last | images/s |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            gpu_rows += [
+                f"| {r['model']} | {r['size']} | {r['precision']} | {r['batch']} | {r['compile']} | "
+                f"{r.get('channels_last', '-')} | {r['images_per_s']} |"
+                for r in doc["forward_only"]
+            ]
+            gpu_rows += ["", f"Pipeline vs forward-only: `{json.dumps(doc.get('pipeline'))}`", ""]
+            continue
         m = doc["machine"]
         machines.add(f"{m.get('cores')} cores, {m.get('cpu')}, {m.get('device', 'cpu')} ({doc['measured']})")
         for key, value in doc["figures"].items():
@@ -29,7 +44,7 @@ def render() -> str:
         "Machines: " + "; ".join(sorted(machines)),
         "",
     ]
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + rows + (["", *gpu_rows] if gpu_rows else [])) + "\n"
 
 
 def main() -> int:

@@ -94,7 +94,7 @@ def run_split(
     if todo and k > 0:
         xyz = unit_vectors(lat, lon)
         tree = KDTree(xyz)
-        sub = max(1, min(chunk_rows, (chunk_rows + threads - 1) // threads))
+        sub = max(1, min(8192, (chunk_rows + threads - 1) // threads))  # bounds the per-thread temporaries
 
         def part(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
             return query_rows(tree, xyz, a, b, k)

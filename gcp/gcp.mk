@@ -1,1 +1,49 @@
-# gcp make targets (filled in by the bootstrap work)
+# VM bootstrap targets (docs/bootstrap.md), included by the Makefile. The same scripts run on the VM.
+
+GCP_SCRIPTS := gcp/scripts
+GCP_MANIFEST ?= data/downloads/raw_archives.txt
+GCP_RAW_DIR ?= build/raw
+GCP_EXTRACT_DIR ?= build/extracted
+GCP_CONFIG ?= configs/demo.yaml
+
+# The local dry run: sample archives -> download (file:// manifest) -> extract -> preprocess -> status,
+# checkpoints synced to a local folder standing in for the bucket. Everything lives under DRY_RUN_DIR.
+DRY_RUN_DIR ?= build/dry-run
+DRY_RUN_CONFIG ?= configs/demo.yaml
+DRY_RUN_ARCHIVES ?= build/sample_archives
+DRY_RUN_MANIFEST ?= data/downloads/raw_archives_sample.txt
+DRY_RUN_PYTHON ?= $(CURDIR)/.venv/bin/python
+DRY_RUN_ENV = TRIPLET_SKIP_SYSTEM=1 TRIPLET_SKIP_DISKS=1 TRIPLET_SKIP_REPO=1 TRIPLET_SKIP_UV_SYNC=1 \
+	TRIPLET_METADATA=off TRIPLET_RUN_MODE=direct TRIPLET_REPO_DIR=$(CURDIR) TRIPLET_PYTHON=$(DRY_RUN_PYTHON) \
+	TRIPLET_MOUNT_RAW=$(CURDIR)/$(DRY_RUN_DIR)/raw TRIPLET_MOUNT_WORK=$(CURDIR)/$(DRY_RUN_DIR)/work \
+	TRIPLET_RUN_DIR=$(CURDIR)/$(DRY_RUN_DIR)/run TRIPLET_RUN_ID=dry-run \
+	TRIPLET_CHECKPOINT_URI=$(CURDIR)/$(DRY_RUN_DIR)/bucket TRIPLET_MANIFEST_URI=$(DRY_RUN_MANIFEST) \
+	TRIPLET_EXTRACT_ARCHIVES=true TRIPLET_PREPROCESS_CONFIG_PATH=$(DRY_RUN_CONFIG) \
+	TRIPLET_CHECKPOINT_INTERVAL_S=10
+
+.PHONY: gcp-download gcp-extract gcp-preprocess dry-run dry-run-status dry-run-clean
+
+gcp-download: setup ## download GCP_MANIFEST's archives into GCP_RAW_DIR (aria2c, resumable; GCP_MANIFEST may be gs://)
+	bash $(GCP_SCRIPTS)/download_archives.sh --manifest $(GCP_MANIFEST) --dir $(GCP_RAW_DIR)
+
+gcp-extract: ## extract GCP_RAW_DIR's archives into GCP_EXTRACT_DIR (members checked, resumable)
+	bash $(GCP_SCRIPTS)/extract_archives.sh --raw-dir $(GCP_RAW_DIR) --extract-dir $(GCP_EXTRACT_DIR)
+
+gcp-preprocess: setup ## run the processor on GCP_CONFIG, then print its status report
+	rc=0; $(RUN) python -m building_image_triplet_model.dataset_processor --config $(GCP_CONFIG) || rc=$$?; \
+	$(RUN) python -m building_image_triplet_model.preprocess_resume --config $(GCP_CONFIG) || true; exit $$rc
+
+$(DRY_RUN_ARCHIVES)/0009.tar:
+	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3
+
+dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives, bucket = build/dry-run/bucket
+	@command -v aria2c >/dev/null 2>&1 || echo "note: aria2c is not installed (make sys-deps); the sample manifest needs none"
+	@echo "dry run: disks, bucket and logs under $(DRY_RUN_DIR)/ (TRIPLET_* settings: see DRY_RUN_ENV in gcp/gcp.mk)"
+	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh
+	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status
+
+dry-run-status: ## the dry run's phase markers and the engine's status report
+	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status
+
+dry-run-clean: ## forget the dry run (its disks, bucket and state under DRY_RUN_DIR)
+	rm -rf $(DRY_RUN_DIR)

@@ -1,0 +1,157 @@
+"""Instance metadata: the real protocol on loopback; values are data, validated, never executed."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from gcp_helpers import run_script, script_env
+from gcp_servers import MetadataServer
+
+
+def curl(url: str, *headers: str) -> tuple[str, str]:
+    args = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}"]
+    for h in headers:
+        args += ["-H", h]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=30).stdout
+    body, _, code = out.rpartition("\n")
+    return code, body
+
+
+def test_the_stand_in_speaks_the_protocol(metadata_server: MetadataServer) -> None:
+    metadata_server.attributes["run-id"] = "r1"
+    base = f"http://{metadata_server.host}/computeMetadata/v1"
+    assert curl(f"{base}/instance/attributes/run-id")[0] == "403"
+    assert curl(f"{base}/instance/attributes/run-id", "Metadata-Flavor: Google") == ("200", "r1")
+    assert curl(f"{base}/instance/attributes/nope", "Metadata-Flavor: Google")[0] == "404"
+    assert curl(f"{base}/instance/preempted", "Metadata-Flavor: Google") == ("200", "FALSE")
+
+
+def config_env(tmp: Path, md: MetadataServer, **extra: str) -> dict[str, str]:
+    return script_env(
+        tmp,
+        TRIPLET_METADATA="required",
+        GCE_METADATA_HOST=md.host,
+        TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml",
+        **extra,
+    )
+
+
+def test_config_from_metadata(tmp_path: Path, metadata_server: MetadataServer) -> None:
+    metadata_server.attributes.update(
+        {
+            "triplet-run-id": "vm-run-7",
+            "triplet-checkpoint-uri": "gs://my-ckpt-bucket/checkpoints/",
+            "triplet-on-done": "stop",
+            "triplet-deploy-mode": "mig",
+            "triplet-checkpoint-interval-min": "15",
+            "triplet-extract-archives": "TRUE",
+            "triplet-install-ops-agent": "FALSE",
+        }
+    )
+    env = config_env(tmp_path, metadata_server)
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = tmp_path / "work" / "config"
+    assert (cfg / "run-id").read_text() == "vm-run-7"
+    assert (cfg / "checkpoint-uri").read_text() == "gs://my-ckpt-bucket/checkpoints"
+    assert (cfg / "output-uri").read_text() == "gs://my-ckpt-bucket/checkpoints/vm-run-7/artifact"
+    assert (cfg / "on-done").read_text() == "stop"
+    assert (cfg / "deploy-mode").read_text() == "mig"
+    assert (cfg / "checkpoint-interval-s").read_text() == "900"
+    assert (cfg / "extract-archives").read_text() == "true"
+    assert (cfg / "repo-ref").read_text() == "gcp"
+    assert (cfg / "manifest.txt").read_text().startswith("https://datasets.epfl.ch/")
+    data = yaml.safe_load((cfg / "preprocess.yaml").read_text())["data"]
+    assert data["input_dir"] == str(tmp_path / "raw" / "extracted")
+    assert data["hdf5_path"] == str(tmp_path / "work" / "output" / "dataset.h5")
+    # Without the attribute the run id is the instance name.
+    del metadata_server.attributes["triplet-run-id"]
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (cfg / "run-id").read_text() == "preprocess-vm"
+
+
+PWN = "/tmp/triplet-pwned-{tag}"
+NASTY = [
+    ("run-id", "$(touch {pwn})"),
+    ("run-id", "ok\ntouch {pwn}"),
+    ("checkpoint-uri", "gs://bucket/`touch {pwn}`"),
+    ("checkpoint-uri", "gs://bucket/x'; touch {pwn}; '"),
+    ("output-uri", '/tmp/x"; touch {pwn}; "'),
+    ("manifest-uri", "../../etc/passwd"),
+    ("manifest-uri", "data/$(touch {pwn})"),
+    ("repo-ref", "gcp; touch {pwn}"),
+    ("repo-ref", "--upload-pack=touch {pwn}"),
+    ("repo-url", "https://example.com/x.git --upload-pack=touch {pwn}"),
+    ("on-done", "stop\n$(touch {pwn})"),
+    ("deploy-mode", "mig`touch {pwn}`"),
+    ("checkpoint-interval-min", "$((1+1))"),
+    ("mode", "worker;touch {pwn}"),
+    ("preprocess-config-uri", "gs://b/$(touch {pwn}).yaml"),
+    ("extract-archives", "true`touch {pwn}`"),
+    ("preprocess-config-path", "configs/$(touch {pwn}).yaml"),
+    ("metadata-cache-sync-uri", "gs://b/${{IFS}}touch${{IFS}}{pwn}"),
+]
+
+
+@pytest.mark.parametrize(("key", "template"), NASTY, ids=[f"{k}-{i}" for i, (k, _) in enumerate(NASTY)])
+def test_shell_syntax_in_metadata_is_never_executed(
+    tmp_path: Path, metadata_server: MetadataServer, key: str, template: str
+) -> None:
+    pwn = Path(PWN.format(tag=tmp_path.name))
+    value = template.format(pwn=pwn)
+    metadata_server.attributes[f"triplet-{key}"] = value
+    env = config_env(tmp_path, metadata_server)
+    env.pop(f"TRIPLET_{key.upper().replace('-', '_')}", None)  # the environment would win over metadata
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode != 0
+    assert f"setting '{key}' from metadata (triplet-{key}) is invalid" in r.stderr
+    assert not pwn.exists(), f"{value!r} was executed"
+
+
+def test_a_yaml_full_of_shell_syntax_is_only_data(tmp_path: Path, metadata_server: MetadataServer) -> None:
+    pwn = Path(PWN.format(tag=tmp_path.name))
+    text = (
+        f"# $(touch {pwn})\n"
+        "data:\n"
+        f'  input_dir: "$(touch {pwn})"\n'
+        f"  hdf5_path: '/x/`touch {pwn}`/dataset.h5'\n"
+        f'  feature_model: "resnet18; touch {pwn} && echo \'\\"\' `id`\\n$(reboot)"\n'
+        "  pretrained: false\n"
+    )
+    metadata_server.attributes["triplet-preprocess-config"] = text
+    r = run_script("startup_preprocess.sh", "config", env=config_env(tmp_path, metadata_server))
+    assert r.returncode == 0, r.stderr
+    data = yaml.safe_load((tmp_path / "work" / "config" / "preprocess.yaml").read_text())["data"]
+    assert data["feature_model"] == f"resnet18; touch {pwn} && echo '\"' `id`\n$(reboot)"
+    assert data["input_dir"] == str(tmp_path / "raw" / "dataset_unaligned")  # the bootstrap owns the paths
+    assert not pwn.exists()
+
+
+def test_a_broken_yaml_is_refused(tmp_path: Path, metadata_server: MetadataServer) -> None:
+    metadata_server.attributes["triplet-preprocess-config"] = "data: [unclosed\n"
+    r = run_script("startup_preprocess.sh", "config", env=config_env(tmp_path, metadata_server))
+    assert r.returncode != 0
+    assert "not valid YAML" in r.stderr
+    metadata_server.attributes["triplet-preprocess-config"] = (
+        "data:\n  input_dir: x\n  hdf5_path: y.h5\n  no_such_key: 1\n"
+    )
+    r = run_script("startup_preprocess.sh", "config", env=config_env(tmp_path, metadata_server))
+    assert r.returncode != 0
+    assert "no_such_key" in r.stderr
+
+
+def test_an_unreachable_metadata_server_is_a_clear_error(tmp_path: Path) -> None:
+    env = script_env(
+        tmp_path,
+        TRIPLET_METADATA="required",
+        GCE_METADATA_HOST="127.0.0.1:9",
+        TRIPLET_METADATA_TRIES="1",
+        TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml",
+    )
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode != 0
+    assert "metadata server http://127.0.0.1:9 unreachable while reading 'triplet-mode'" in r.stderr
