@@ -19,10 +19,13 @@ setup: ## install uv (pinned) and the locked environment (.venv)
 		$(PYTHON) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"; fi
 	$(UV) sync --frozen
 
-sys-deps: ## Debian packages the tests and the dry run use (aria2)
-	@if ! command -v aria2c >/dev/null 2>&1; then \
+sys-deps: ## Debian packages the tests and the dry run use (aria2, curl; git, e2fsprogs, util-linux are standard)
+	@missing=""; for pair in aria2c:aria2 curl:curl git:git mkfs.ext4:e2fsprogs losetup:util-linux; do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 		sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd=sudo; \
-		$$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq aria2 >/dev/null; fi
+		echo "installing Debian packages:$$missing"; \
+		$$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq $$missing >/dev/null; fi
 
 demo: setup sys-deps dry-run ## sample archives -> download -> extract -> preprocess (CPU, tiny model) -> status
 

@@ -56,12 +56,20 @@ class Task:
     count: int
 
 
+DUPLICATE_SIGNAL_S = 2.0  # a group kill plus a forwarding wrapper deliver one stop request twice
+
+
 def install_signal_handlers(stop: threading.Event) -> None:
+    first: list[float] = []
+
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if stop.is_set():
+            if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
+                return  # the same request, delivered twice: keep saving
             log.warning("%s again: exiting now (completed work is on disk)", name)
             os._exit(EXIT_INTERRUPTED)
+        first.append(time.monotonic())
         stop.set()
         log.warning(
             "%s received: saving progress, exiting within %.0f s (exit code %d)",
@@ -618,7 +626,7 @@ def execute(
     """Run the processor; returns the exit code."""
     stop = stop or threading.Event()
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.log_path)
+    setup_logging(cfg.log_path, events_file=cfg.work / "events.jsonl")
     log.info("processor started (pid %d): %s -> %s", os.getpid(), cfg.input_dir, cfg.output)
     try:
         with workdir.RunLock(cfg.work / "lock"):
@@ -649,7 +657,7 @@ def execute(
     except Exception as exc:
         if stop.is_set():
             log.warning(
-                "stopped while %s: %s; progress is saved, run again (exit %d)",
+                "interrupted while %s: %s; progress is saved: run the same command again (exit %d)",
                 type(exc).__name__,
                 exc,
                 EXIT_INTERRUPTED,

@@ -27,7 +27,30 @@ class UTCFormatter(logging.Formatter):
         return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def setup_logging(log_file: Path | None, verbose: bool = False) -> None:
+class JsonEventHandler(logging.Handler):
+    """Warnings and errors as JSON lines in events.jsonl too, where Cloud Logging filters on severity."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(level=logging.WARNING)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = {
+                "ts": utc_now(),
+                "severity": record.levelname,
+                "event": "log",
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(log_file: Path | None, verbose: bool = False, events_file: Path | None = None) -> None:
     """Console and log-file handlers with UTC timestamps (idempotent)."""
     root = logging.getLogger("building_image_triplet_model")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -43,6 +66,8 @@ def setup_logging(log_file: Path | None, verbose: bool = False) -> None:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
+    if events_file is not None:
+        root.addHandler(JsonEventHandler(events_file))
     root.propagate = False
 
 
@@ -116,8 +141,7 @@ class Progress:
                 "ts": utc_now(),
                 "severity": "INFO",
                 "event": "progress",
-                "phase": "preprocess",
-                "step": step,
+                "phase": step,
             }
             event.update({k: st.get(k) for k in ("status", "done", "total", "unit", "rate", "eta_s")})
             with open(self.events, "a") as fh:

@@ -180,7 +180,7 @@ def main(
     stop: threading.Event | None = None,
 ) -> int:
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.log_path)
+    setup_logging(cfg.log_path, events_file=cfg.work / "events.jsonl")
     try:
         if args.merge:
             return merge(cfg, args.run_uri, args.wait_timeout_s, args.fresh, stop)

@@ -169,7 +169,7 @@ def test_local_safetensors_weights_are_loaded_for_real(archives, tmp_path):
     data = ImageReader([str(archives[0] / "0003.tar")], [True]).read(0, path, int(offset), int(size))
     pixels, _ = decode.decode(data, decode.Transform.from_data_config(bb.data_config, True))
     mean, std = backbone.normalizer(bb)
-    x = (torch.as_tensor(pixels)[None].permute(0, 3, 1, 2).float() - mean) / std
+    x = (torch.as_tensor(pixels.copy())[None].permute(0, 3, 1, 2).float() - mean) / std
     with torch.inference_mode():
         expected = model(x)[0].numpy()
     np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
@@ -195,7 +195,7 @@ def test_transform_matches_timms_eval_transform(archives):
     pixels, _ = decode.decode(data, decode.Transform.from_data_config(data_config, fast_decode=False))
     mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
     std = torch.tensor(data_config["std"]).view(3, 1, 1)
-    ours = (torch.as_tensor(pixels).permute(2, 0, 1).float() / 255.0 - mean) / std
+    ours = (torch.as_tensor(pixels.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     fast, _ = decode.decode(data, decode.Transform.from_data_config(data_config, fast_decode=True))
     assert np.abs(fast.astype(int) - pixels.astype(int)).mean() < 4  # DCT-domain downscale: close

@@ -54,3 +54,19 @@ def test_two_run_ids_in_one_bucket_never_touch_each_other(archives, gcs_emulator
         n: (b.generation, b.md5_hash) for n, b in gcs_emulator.objects(bucket, "checkpoints/run-a/").items()
     }
     assert run_a_now == snapshots["run-a"]  # run-b wrote nothing into run-a, not even the same bytes again
+
+
+def test_metadata_cache_is_uploaded_to_a_bucket(archives, gcs_emulator, bucket, tmp_path):
+    """METADATA_CACHE_SYNC_URI=gs://...: the finished cache reaches the bucket, byte for byte."""
+    cfg = tiny_config(tmp_path, archives[0])
+    env = {**os.environ, "METADATA_CACHE_SYNC_URI": f"gs://{bucket}/caches/"}
+    # TERM at the first KNN chunk: the index (and the cache upload) are done, no model is loaded.
+    env["TRIPLET_FAILPOINT"] = "knn.chunk@1:TERM"
+    out = subprocess.run(
+        [sys.executable, "-m", "building_image_triplet_model.dataset_processor", "--config", str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True,
+    )  # fmt: skip
+    assert out.returncode == 75, out.stderr[-3000:]
+    blob = gcs_emulator.objects(bucket, "caches/")["caches/metadata_cache_complete.npz"]
+    local = tmp_path / "out" / "dataset.work" / "metadata_cache_complete.npz"
+    assert blob.download_as_bytes() == local.read_bytes()
