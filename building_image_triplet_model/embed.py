@@ -29,17 +29,8 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_ROWS = 65_536
 
 
-def chunk_name(start: int, stop: int) -> str:
-    return f"{start:010d}-{stop:010d}.npz"
-
-
-def done_chunks(folder: Path) -> list[tuple[int, int]]:
-    out = []
-    if folder.is_dir():
-        for path in folder.glob("*-*.npz"):
-            a, b = path.stem.split("-")
-            out.append((int(a), int(b)))
-    return sorted(out)
+chunk_name = workdir.range_name
+done_chunks = workdir.done_ranges
 
 
 def covered(chunks: list[tuple[int, int]], n: int) -> bool:

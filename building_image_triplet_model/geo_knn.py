@@ -60,17 +60,8 @@ def query_rows(tree: object, xyz: np.ndarray, start: int, stop: int, k: int) -> 
     return idx.astype(np.int32), metres.astype(np.float32)
 
 
-def chunk_name(start: int, stop: int) -> str:
-    return f"{start:010d}-{stop:010d}.npz"
-
-
-def done_chunks(folder: Path) -> list[tuple[int, int]]:
-    out = []
-    if folder.is_dir():
-        for path in folder.glob("*-*.npz"):
-            a, b = path.stem.split("-")
-            out.append((int(a), int(b)))
-    return sorted(out)
+chunk_name = workdir.range_name
+done_chunks = workdir.done_ranges
 
 
 def run_split(

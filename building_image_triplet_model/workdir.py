@@ -129,6 +129,21 @@ class LazyNpz(Mapping[str, np.ndarray]):
         return len(self._npz.files)
 
 
+def range_name(start: int, stop: int) -> str:
+    """The file of rows [start, stop) of a chunked step (KNN rows, embeddings)."""
+    return f"{start:010d}-{stop:010d}.npz"
+
+
+def done_ranges(folder: Path) -> list[tuple[int, int]]:
+    """The (start, stop) of every completed chunk file in folder, sorted."""
+    out = []
+    if folder.is_dir():
+        for path in folder.glob("*-*.npz"):
+            a, b = path.stem.split("-")
+            out.append((int(a), int(b)))
+    return sorted(out)
+
+
 def remove_tmp_files(root: Path) -> int:
     """Delete leftovers of writes that a kill interrupted."""
     n = 0

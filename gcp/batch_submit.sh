@@ -84,17 +84,7 @@ done
 	exit 2
 }
 
-cfg_load_file "$CONFIG_FILE"
-for kv in "${SETS[@]}"; do
-	[[ $kv =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] || die "--set expects KEY=VALUE, got '$kv'"
-	cfg_set "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "--set"
-done
-cfg_require_all
-cfg_check_consistency
-if ((!DRY_RUN)); then
-	[[ ${CFG[PROJECT_ID]} != your-project-id ]] || die "set PROJECT_ID in $CONFIG_FILE (or --set PROJECT_ID=...)"
-	[[ ${CFG[REPO_URL]} != *your-org* ]] || die "set REPO_URL in $CONFIG_FILE (or --set REPO_URL=...)"
-fi
+cfg_setup "$CONFIG_FILE" "${SETS[@]}"
 
 JOB_RE='^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$'
 PROJECT=${CFG[PROJECT_ID]}

@@ -158,6 +158,24 @@ cfg_check_consistency() {
 	((CFG[BATCH_PARALLELISM] <= CFG[BATCH_TASK_COUNT])) || die "BATCH_PARALLELISM must not exceed BATCH_TASK_COUNT"
 }
 
+# cfg_setup FILE [KEY=VALUE...]: the settings of one invocation: the file, then the --set overrides, then
+# every check. A real run (not --dry-run) also refuses the placeholder values of the committed file.
+cfg_setup() {
+	local file=$1 kv
+	shift
+	cfg_load_file "$file"
+	for kv in "$@"; do
+		[[ $kv =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] || die "--set expects KEY=VALUE, got '$kv'"
+		cfg_set "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "--set"
+	done
+	cfg_require_all
+	cfg_check_consistency
+	if ((!DRY_RUN)); then
+		[[ ${CFG[PROJECT_ID]} != your-project-id ]] || die "set PROJECT_ID in $file (or --set PROJECT_ID=...)"
+		[[ ${CFG[REPO_URL]} != *your-org* ]] || die "set REPO_URL in $file (or --set REPO_URL=...)"
+	fi
+}
+
 # ---------------------------------------------------------------------------------------------------------
 # Printing commands and running gcloud
 

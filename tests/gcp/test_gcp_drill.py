@@ -14,45 +14,21 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from engine_helpers import TINY, read_artifact
 from gcp_helpers import kill_group, run_script, script_env, start_script, wait_group_gone
 from gcp_servers import MetadataServer, RangeServer
 
-h5py = pytest.importorskip("h5py")
-pytest.importorskip("building_image_triplet_model.pipeline", reason="the engine (issue 2) is not there yet")
-sample_data = pytest.importorskip("building_image_triplet_model.sample_data")
+from building_image_triplet_model import sample_data
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c not installed (make sys-deps)"),
 ]
 
-TINY = {
-    "feature_model": "test_resnet.r160_in1k",
-    "image_size": 32,
-    "pretrained": False,
-    "device": "cpu",
-    "precision": "fp32",
-    "batch_size": 8,
-    "num_workers": 0,
-    "knn_k": 5,
-    "checkpoint_interval_s": 0,
-    "knn_chunk_rows": 16,
-    "index_workers": 2,
-}
 PHASES = ("download", "extract", "preprocess", "finalize")
-
-
-def arrays(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-        )
-    return out
 
 
 def markers(work: Path) -> dict[str, dict]:
@@ -106,7 +82,7 @@ def test_preemption_drill(
     range_server.rate = None
     r = run_script("startup_preprocess.sh", env=drill_env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    reference = arrays(h5)
+    reference = read_artifact(h5)
     assert reference
     shutil.rmtree(vm)
 
@@ -173,7 +149,7 @@ def test_preemption_drill(
     assert r.returncode == 0, r.stderr[-4000:]
 
     assert {p: m["status"] for p, m in markers(work).items()} == dict.fromkeys(PHASES, "done")
-    got = arrays(h5)
+    got = read_artifact(h5)
     assert sorted(got) == sorted(reference)
     for name, want in reference.items():
         assert (got[name] == want).all() if hasattr(want, "all") else got[name] == want, name
