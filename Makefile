@@ -31,7 +31,7 @@ demo: setup sys-deps dry-run ## sample archives -> download -> extract -> prepro
 
 demo-clean: dry-run-clean ## forget the demo's output so that `make demo` starts from nothing
 
-test: setup sys-deps ## the whole test suite (~20 min on 2 cores)
+test: setup sys-deps ## the whole test suite (~10 min on 2 cores)
 	$(RUN) pytest -q
 
 test-fast: setup ## the suite without the slow end-to-end drills

@@ -9,7 +9,18 @@ import json, resource, threading, time, shutil, tempfile
 from pathlib import Path
 from building_image_triplet_model import index, sources
 srcs = sources.list_sources({folder!r})
-import tracemalloc
+import os, tracemalloc
+def evict(path):
+    # Drop the files' pages from the page cache (no root needed): the next pass reads from the disk.
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+evict(srcs[0].path)
+t0 = time.perf_counter()
+arrays, rejects = index.build_source_index(srcs[0])
+cold = time.perf_counter() - t0
 t0 = time.perf_counter()
 arrays, rejects = index.build_source_index(srcs[0])
 one = time.perf_counter() - t0
@@ -28,6 +39,7 @@ n = sum(m["images"] for m in markers.values())
 cache_bytes = sum(cache[k].nbytes for k in cache if not k.startswith("rej_"))
 shutil.rmtree(work)
 print(json.dumps({{"images": n, "one_process_images_per_s": len(arrays["stem"]) / one,
+    "cold_one_process_images_per_s": len(arrays["stem"]) / cold,
     "all_cores_images_per_s": n / allt, "cores": index.cpu_count(),
     "index_bytes_per_image": cache_bytes / n,
     "walk_peak_bytes_per_image": peak_one / max(1, len(arrays["stem"]))}}))
@@ -43,15 +55,18 @@ def main() -> None:
         {
             "images": tar["images"],
             "tar_images_per_s_one_process": round(tar["one_process_images_per_s"]),
+            "tar_images_per_s_one_process_cold_cache": round(tar["cold_one_process_images_per_s"]),
             "tar_images_per_s_all_cores_incl_process_start": round(tar["all_cores_images_per_s"]),
             "folder_images_per_s_one_process": round(folder["one_process_images_per_s"]),
+            "folder_images_per_s_one_process_cold_cache": round(folder["cold_one_process_images_per_s"]),
             "folder_images_per_s_all_cores_incl_process_start": round(folder["all_cores_images_per_s"]),
             "index_bytes_per_image_in_memory": round(tar["index_bytes_per_image"], 1),
             "walk_peak_bytes_per_image_one_archive": round(tar["walk_peak_bytes_per_image"]),
             "target_images_per_s": 20000,
             "target_bytes_per_image": 200,
         },
-        notes="metadata only: image bytes are located, not read; page cache warm. The all-cores figure "
+        notes="metadata only: image bytes are located, not read. Warm: the archive in the page cache; "
+        "cold: evicted first (posix_fadvise), so read from this machine's disk. The all-cores figure "
         "includes starting the worker processes (~1 s), large beside 23k images, small beside an archive",
     )
 

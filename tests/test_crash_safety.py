@@ -164,3 +164,16 @@ def test_status_during_and_after_an_interruption(cfg_path):
     assert report["next_run"] == "continue at knn: compute the remaining geographic KNN rows"
     assert report["rejects"]["duplicate_stem"] == 12
     assert report["steps"]["index"]["last_rate_per_s"] > 0
+
+
+def test_a_duplicated_sigterm_is_one_stop_request(cfg_path):
+    """A group SIGTERM plus a wrapper that forwards it deliver the same request twice: still a clean stop."""
+    cfg = config.load(cfg_path)
+    proc = start(cfg_path, "embed.batch@3:STALL")
+    wait_for(lambda: any((cfg.work / "emb").rglob("*-*.npz")) if (cfg.work / "emb").exists() else False)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out = finish(proc, timeout=60)
+    assert code == 75, out[-3000:]
+    assert out.count("SIGTERM received") == 1 and "again: exiting now" not in out
