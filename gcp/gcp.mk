@@ -34,7 +34,7 @@ gcp-preprocess: setup ## run the processor on GCP_CONFIG, then print its status 
 	$(RUN) python -m building_image_triplet_model.preprocess_resume --config $(GCP_CONFIG) || true; exit $$rc
 
 $(DRY_RUN_ARCHIVES)/0009.tar:
-	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3
+	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3 --bad
 
 dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives, bucket = build/dry-run/bucket
 	@command -v aria2c >/dev/null 2>&1 || echo "note: aria2c is not installed (make sys-deps); the sample manifest needs none"
