@@ -60,10 +60,13 @@ def plan_work(names: list[str], counts: list[int], emb_root: Path, batch_size: i
         if workdir.read_json(folder / workdir.SUCCESS):
             work.complete = True
         else:
-            chunks = done_chunks(folder)
+            chunks = done_chunks(folder)  # sorted, never overlapping: one pass over batches and chunks
+            i = 0
             for a in range(0, n, batch_size):
                 b = min(a + batch_size, n)
-                if not any(ca <= a and b <= cb for ca, cb in chunks):
+                while i < len(chunks) and chunks[i][1] <= a:
+                    i += 1
+                if not (i < len(chunks) and chunks[i][0] <= a and b <= chunks[i][1]):
                     work.pending.append((a, b))
         out.append(work)
     return out
