@@ -81,6 +81,13 @@ def collect(cfg: config_mod.DataConfig) -> dict[str, Any]:
             images += marker["images"]
             for reason, count in marker["rejects"].items():
                 rejects[reason] = rejects.get(reason, 0) + count
+    report["inputs_match"] = None  # unknown until every archive is indexed
+    if run.get("inputs") is not None:
+        if sorted(run["inputs"]) != sorted(names):
+            report["inputs_match"] = False
+        elif len(done_idx) == len(names) and "inputs_fp" in run:
+            digests = [[n, index.cached_marker(by_name.get(n), work, n)["digest"]] for n in names]
+            report["inputs_match"] = config_mod.fingerprint(digests) == run["inputs_fp"]
     steps["index"] = {
         "status": _status(len(done_idx), len(names)),
         "archives_done": len(done_idx),
@@ -176,10 +183,12 @@ def _status(done: int, total: int) -> str:
 
 
 def _next(report: dict[str, Any], run: dict[str, Any]) -> str:
-    if report["complete"]:
-        return "nothing: the artifact is complete"
     if report["settings_match"] is False:
         return "refuse to resume: the config's settings differ from the existing run's (use --fresh)"
+    if report["inputs_match"] is False:
+        return "refuse to resume: the input archives differ from the existing run's (use --fresh)"
+    if report["complete"]:
+        return "nothing: the artifact is complete"
     steps = report["steps"]
     if "error" in steps["index"] and not steps["index"]["archives_total"]:
         return f"fail: {steps['index']['error']}"

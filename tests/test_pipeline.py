@@ -105,6 +105,7 @@ def test_other_settings_are_refused_then_fresh_restarts(reference, archives, tmp
     cfg = config.load(clone_output(reference, tmp_path, archives[0], image_size=48))
     shard = cfg.work / "index" / "0003.npz"
     indexed = shard.stat().st_mtime_ns
+    assert preprocess_resume.collect(cfg)["next_run"].startswith("refuse to resume: the config's settings")
     assert pipeline.execute(cfg) == pipeline.EXIT_REFUSED
     assert "image_size: 32 -> 48" in cfg.log_path.read_text() and "--fresh" in cfg.log_path.read_text()
     assert pipeline.execute(cfg, fresh=True) == 0
@@ -122,6 +123,8 @@ def test_changed_input_set_is_refused(reference, archives, tmp_path):
     cfg = config.load(clone_output(reference, tmp_path, inputs))
     assert pipeline.execute(cfg) == pipeline.EXIT_REFUSED
     assert "added ['0012']" in cfg.log_path.read_text()
+    report = preprocess_resume.collect(cfg)
+    assert report["inputs_match"] is False and report["next_run"].startswith("refuse to resume: the input")
 
 
 def test_input_errors(tmp_path):
