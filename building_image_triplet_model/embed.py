@@ -281,7 +281,13 @@ def embed_all(
                 pixels = torch.as_tensor(pixels_np)
                 if cuda:
                     pixels = pixels.pin_memory() if not pixels.is_pinned() else pixels
-                out = backbone.embed(pixels).to("cpu", non_blocking=cuda)
+                n = len(pixels)
+                if cfg.compile and n < cfg.batch_size:
+                    # One static shape for the compiled graph: each archive's last, shorter batch is padded
+                    # instead of compiling the model again for its size.
+                    pad = pixels.new_zeros((cfg.batch_size - n, *pixels.shape[1:]))
+                    pixels = torch.cat([pixels, pad])
+                out = backbone.embed(pixels)[:n].to("cpu", non_blocking=cuda)
                 event = None
                 if cuda:
                     event = torch.cuda.Event()
