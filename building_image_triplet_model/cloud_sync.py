@@ -121,6 +121,23 @@ class SyncResult:
     bytes: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
 
+    def record(
+        self, outcome: tuple[str, str, int, str | None], verb: str, log: Callable[[str], None] | None
+    ) -> None:
+        """Count one file's outcome: ("skip" | "big" | "sent" | "fail", relative path, bytes, error)."""
+        kind, rel, n, err = outcome
+        if kind == "skip":
+            self.skipped.append(rel)
+        elif kind == "big":
+            self.too_big.append(rel)
+        elif kind == "sent":
+            self.transferred.append(rel)
+            self.bytes += n
+            if log:
+                log(f"{verb} {rel} ({n} bytes)")
+        else:
+            self.failed.append((rel, err or "failed"))
+
     def summary(self, verb: str) -> str:
         return (
             f"{verb}: {len(self.transferred)} transferred ({self.bytes} bytes), "
@@ -701,23 +718,9 @@ def push_dir(
         except Exception as e:
             return ("fail", lf.rel, 0, f"{type(e).__name__}: {e}")
 
-    def record(outcome: tuple[str, str, int, str | None]) -> None:
-        kind, rel, n, err = outcome
-        if kind == "skip":
-            res.skipped.append(rel)
-        elif kind == "big":
-            res.too_big.append(rel)
-        elif kind == "sent":
-            res.transferred.append(rel)
-            res.bytes += n
-            if log:
-                log(f"sent {rel} ({n} bytes)")
-        else:
-            res.failed.append((rel, err or "failed"))
-
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for outcome in pool.map(sync_one, data_files):
-            record(outcome)
+            res.record(outcome, "sent", log)
     if res.failed or res.too_big:
         if res.failed:
             err = CloudSyncError(
@@ -729,7 +732,7 @@ def push_dir(
         # Some data files stayed behind (size limit): a marker may describe them, so none is sent.
         return res
     for lf in marker_files:
-        record(sync_one(lf))
+        res.record(sync_one(lf), "sent", log)
     if res.failed:
         err = CloudSyncError(
             f"push to {store.name(prefix)}: markers failed: " + "; ".join(f"{r}: {e}" for r, e in res.failed)
@@ -832,26 +835,14 @@ def pull_dir(
         except Exception as e:
             return ("fail", rel, 0, f"{type(e).__name__}: {e}")
 
-    def record(outcome: tuple[str, str, int, str | None]) -> None:
-        kind, rel, n, err = outcome
-        if kind == "skip":
-            res.skipped.append(rel)
-        elif kind == "sent":
-            res.transferred.append(rel)
-            res.bytes += n
-            if log:
-                log(f"fetched {rel} ({n} bytes)")
-        else:
-            res.failed.append((rel, err or "failed"))
-
     if not dry_run:
         root.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for outcome in pool.map(sync_one, data):
-            record(outcome)
+            res.record(outcome, "fetched", log)
     if not res.failed:
         for item in marks:
-            record(sync_one(item))
+            res.record(sync_one(item), "fetched", log)
     if res.failed:
         err = CloudSyncError(
             f"pull from {store.name(prefix)}: {len(res.failed)} failed (markers not fetched): "
