@@ -6,10 +6,11 @@ ConfigError that names the key. Other top-level sections (the trainer's own) are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -57,7 +58,6 @@ class DataConfig:
     index_workers: int = 0  # 0: one per CPU core
     # Durability
     checkpoint_interval_s: float = 60.0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived paths -------------------------------------------------------------------------
     @property
@@ -89,6 +89,20 @@ class DataConfig:
     # ---- fingerprints --------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The settings that change the artifact's contents (not paths, batch size or worker counts)."""
+        return dict(self._settings)
+
+    @property
+    def settings_fp(self) -> str:
+        return fingerprint(self._settings)
+
+    def changed_settings(self, old: dict[str, Any]) -> list[str]:
+        """The keys whose value in ``old`` (a recorded run's settings) differs from ours."""
+        ours = self._settings
+        return sorted(k for k in set(old) | set(ours) if old.get(k) != ours.get(k))
+
+    @functools.cached_property
+    def _settings(self) -> dict[str, Any]:
+        # Computed once per config: it hashes the weights file, which can be hundreds of MB.
         keys = [
             "n_samples",
             "n_images",
@@ -159,7 +173,7 @@ def from_mapping(data: dict[str, Any], base_dir: Path | None = None) -> DataConf
     if not isinstance(data, dict):
         raise ConfigError("data: expected a mapping of keys to values")
     hints = get_type_hints(DataConfig)
-    known = {f.name for f in fields(DataConfig)} - {"extra"}
+    known = {f.name for f in fields(DataConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"data.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
@@ -243,9 +257,3 @@ def fingerprint(obj: Any) -> str:
     """A stable short digest of a JSON-able object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def as_dict(cfg: DataConfig) -> dict[str, Any]:
-    out = asdict(cfg)
-    out.pop("extra", None)
-    return out

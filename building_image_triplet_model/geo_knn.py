@@ -64,6 +64,13 @@ chunk_name = workdir.range_name
 done_chunks = workdir.done_ranges
 
 
+def rows_done(folder: Path, n: int) -> int:
+    """Rows of a split's table that are on disk."""
+    if (folder / workdir.SUCCESS).exists():
+        return n
+    return sum(min(b, n) - a for a, b in done_chunks(folder))
+
+
 def run_split(
     folder: Path,
     lat: np.ndarray,

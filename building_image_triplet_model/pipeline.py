@@ -40,6 +40,11 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: progress is durable, run again
 STOP_GRACE_S = 8.0  # after a stop request the process is gone within this, whatever it was doing
 
 
+def new_run_record(cfg: DataConfig) -> dict[str, Any]:
+    """What run.json (and a scale-out run's run_settings.json) starts as: the settings and their digest."""
+    return {"settings": cfg.settings(), "settings_fp": cfg.settings_fp, "created": utc_now()}
+
+
 class ResumeRefused(RuntimeError):
     pass
 
@@ -124,12 +129,8 @@ class Runner:
         self.markers: dict[str, dict[str, Any]] = {}
 
     # ---- identity ------------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        return self.cfg.settings()
-
     def check_settings(self) -> dict[str, Any]:
         run = workdir.read_json(self.run_path)
-        settings = self.settings()
         if run is None:
             leftovers = [
                 p.name for p in (self.work / "plan.npz", self.work / "knn", self.work / "emb") if p.exists()
@@ -139,13 +140,14 @@ class Runner:
                     f"{self.work}: holds {', '.join(leftovers)} but no run.json, so it cannot be trusted; "
                     "rerun with --fresh to start over"
                 )
-            run = {"settings": settings, "settings_fp": fingerprint(settings), "created": utc_now()}
+            run = new_run_record(self.cfg)
             workdir.write_json(self.run_path, run)
             return run
-        if run.get("settings_fp") != fingerprint(settings):
-            old = run.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        if run.get("settings_fp") != self.cfg.settings_fp:
+            old, settings = run.get("settings", {}), self.cfg.settings()
+            details = ", ".join(
+                f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in self.cfg.changed_settings(old)
+            )
             raise ResumeRefused(
                 f"{self.cfg.output}: the existing run was made with other settings ({details}); "
                 f"refusing to mix them. Rerun with --fresh to discard {self.work} and start over, or "
@@ -272,15 +274,10 @@ class Runner:
     def step_knn(self, p: dict[str, np.ndarray]) -> dict[str, Path]:
         dirs = {}
         total = len(p["target_keys"])
-        done = 0
-        for split in plan.SPLITS:
-            folder = self.work / "knn" / split
-            n = len(plan.split_targets(p, split))
-            done += (
-                n
-                if (folder / workdir.SUCCESS).exists()
-                else sum(b - a for a, b in geo_knn.done_chunks(folder))
-            )
+        done = sum(
+            geo_knn.rows_done(self.work / "knn" / split, len(plan.split_targets(p, split)))
+            for split in plan.SPLITS
+        )
         self.progress.start("knn", total=total, done=done, unit="targets")
         threads = self.cfg.index_workers or index.cpu_count()
         for split in plan.SPLITS:
@@ -312,7 +309,7 @@ class Runner:
         sources: dict[str, Source],
     ) -> None:
         starts = p["src_start"]
-        counts = [int(starts[i + 1] - starts[i]) for i in range(len(names))]
+        counts = plan.source_counts(p)
         works = embed.plan_work(names, counts, self.work / "emb", self.cfg.batch_size)
         mine = {s.name for s in sources.values()} if self.task else set(names)
         todo_rows = sum(b - a for w in works if w.name in mine for a, b in w.pending)
@@ -412,11 +409,11 @@ class Runner:
         names: list[str],
         p: dict[str, np.ndarray],
         knn_dirs: dict[str, Path],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], np.ndarray]:
         out = self.cfg.output
         partial = assemble.partial_path(out)
         starts = p["src_start"]
-        counts = [int(starts[i + 1] - starts[i]) for i in range(len(names))]
+        counts = plan.source_counts(p)
         emb_root = self.work / "emb"
         first = workdir.read_json(emb_root / names[int(np.argmax(counts))] / workdir.SUCCESS) or {}
         dim = int(first.get("dim") or 0)
@@ -475,7 +472,7 @@ class Runner:
         os.replace(partial, out)
         workdir.fsync_dir(out.parent)
         self.progress.finish("assemble")
-        return stats
+        return stats, codes
 
     def stats(
         self,
@@ -486,11 +483,9 @@ class Runner:
         cache: dict[str, np.ndarray],
         emb_marker: dict[str, Any],
     ) -> dict[str, Any]:
-        rejects: dict[str, int] = {}
-        for code in cache["rej_reason"]:
-            rejects[REJECT_REASONS[code]] = rejects.get(REJECT_REASONS[code], 0) + 1
-        for code, count in zip(*np.unique(codes[codes != 0], return_counts=True), strict=True):
-            rejects[REJECT_REASONS[code]] = rejects.get(REJECT_REASONS[code], 0) + int(count)
+        all_codes = np.concatenate([cache["rej_reason"], codes[codes != 0]])
+        found, counts = np.unique(all_codes, return_counts=True)
+        rejects = {REJECT_REASONS[c]: int(n) for c, n in zip(found, counts, strict=True)}
         return {
             "images": len(p["rows"]),
             "valid_images": int((codes == 0).sum()),
@@ -584,12 +579,7 @@ class Runner:
         p = self.step_plan(cache, names)
         knn_dirs = self.step_knn(p)
         self.step_embed(run, cache, names, p, {s.name: s for s in present})
-        stats = self.step_assemble(run, cache, names, p, knn_dirs)
-        codes = assemble.gather_codes(
-            self.work / "emb",
-            names,
-            [int(p["src_start"][i + 1] - p["src_start"][i]) for i in range(len(names))],
-        )
+        stats, codes = self.step_assemble(run, cache, names, p, knn_dirs)
         self.write_rejects(cache, names, self.decode_rejects(cache, names, p, codes))
         stats["completed"] = utc_now()
         workdir.write_json(cfg.stats_path, stats)

@@ -98,14 +98,18 @@ def split_targets(plan: dict[str, np.ndarray], split: str) -> np.ndarray:
     return np.flatnonzero(plan["target_split"] == SPLITS.index(split))
 
 
+def source_counts(plan: dict[str, np.ndarray]) -> list[int]:
+    """Rows of the artifact per source, in source order."""
+    return np.diff(plan["src_start"]).astype(int).tolist()
+
+
 def summary(plan: dict[str, np.ndarray], source_names: list[str]) -> dict[str, Any]:
     per_split = {s: int((plan["target_split"] == i).sum()) for i, s in enumerate(SPLITS)}
-    starts = plan["src_start"]
     return {
         "images": len(plan["rows"]),
         "targets": len(plan["target_keys"]),
         "targets_per_split": per_split,
-        "source_rows": {n: int(starts[i + 1] - starts[i]) for i, n in enumerate(source_names)},
+        "source_rows": dict(zip(source_names, source_counts(plan), strict=True)),
     }
 
 

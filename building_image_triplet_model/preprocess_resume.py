@@ -57,7 +57,7 @@ def collect(cfg: config_mod.DataConfig) -> dict[str, Any]:
     report["running_pid"] = holder
     report["settings_match"] = None
     if run:
-        report["settings_match"] = run.get("settings_fp") == config_mod.fingerprint(cfg.settings())
+        report["settings_match"] = run.get("settings_fp") == cfg.settings_fp
 
     # index
     try:
@@ -108,16 +108,8 @@ def collect(cfg: config_mod.DataConfig) -> dict[str, Any]:
     # knn
     knn: dict[str, Any] = {"status": "pending", "rows_done": 0, "rows_total": None}
     if plan:
-        done = 0
         total = sum(plan["targets_per_split"].values())
-        for split in SPLITS:
-            folder = work / "knn" / split
-            n = plan["targets_per_split"][split]
-            done += (
-                n
-                if (folder / workdir.SUCCESS).exists()
-                else sum(min(b, n) - a for a, b in geo_knn.done_chunks(folder))
-            )
+        done = sum(geo_knn.rows_done(work / "knn" / s, plan["targets_per_split"][s]) for s in SPLITS)
         knn.update(status=_status(done, total), rows_done=done, rows_total=total)
     steps["knn"] = knn
 

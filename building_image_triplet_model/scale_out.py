@@ -23,8 +23,8 @@ import threading
 import time
 
 from . import cloud_sync, pipeline, workdir
-from .config import ConfigError, DataConfig, fingerprint
-from .progress import setup_logging, utc_now
+from .config import ConfigError, DataConfig
+from .progress import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def join(uri: str, *parts: str) -> str:
 
 def claim_settings(cfg: DataConfig, run_uri: str, create: bool) -> None:
     """Create the run's settings record, or check ours against it; ResumeRefused when they differ."""
-    settings = cfg.settings()
-    record = {"settings": settings, "settings_fp": fingerprint(settings), "created": utc_now()}
+    record = pipeline.new_run_record(cfg)
     uri = join(run_uri, SETTINGS_NAME)
     if create:
         try:
@@ -53,9 +52,10 @@ def claim_settings(cfg: DataConfig, run_uri: str, create: bool) -> None:
     except FileNotFoundError:
         raise ConfigError(f"--run-uri {run_uri}: no such run ({SETTINGS_NAME} is missing)") from None
     if theirs.get("settings_fp") != record["settings_fp"]:
-        old = theirs.get("settings", {})
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        details = ", ".join(f"{k}: run has {old.get(k)!r}, this worker {settings.get(k)!r}" for k in diff)
+        old, settings = theirs.get("settings", {}), record["settings"]
+        details = ", ".join(
+            f"{k}: run has {old.get(k)!r}, this worker {settings.get(k)!r}" for k in cfg.changed_settings(old)
+        )
         raise pipeline.ResumeRefused(
             f"{run_uri}: this process's settings differ from the run's ({details}); refusing to join. "
             "Use the run's config, or start a new run id"
@@ -72,9 +72,7 @@ def _source_filters(names: list[str]) -> list[str]:
 def adopt_settings(cfg: DataConfig, run_uri: str) -> None:
     """Shards pulled from the run are trusted locally: claim_settings checked they share our settings."""
     if not (cfg.work / "run.json").exists():
-        settings = cfg.settings()
-        record = {"settings": settings, "settings_fp": fingerprint(settings), "created": utc_now()}
-        workdir.write_json(cfg.work / "run.json", {**record, "shards_from": run_uri})
+        workdir.write_json(cfg.work / "run.json", {**pipeline.new_run_record(cfg), "shards_from": run_uri})
 
 
 def restore(run_uri: str, cfg: DataConfig, names: list[str]) -> None:

@@ -14,8 +14,7 @@ import io
 import json
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,18 +198,3 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-class Throttle:
-    """Calls ``fn`` at most every ``interval_s`` seconds (and always when forced)."""
-
-    def __init__(self, interval_s: float, fn: Callable[[], None]) -> None:
-        self.interval_s = interval_s
-        self.fn = fn
-        self._last = 0.0
-
-    def __call__(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval_s:
-            self._last = now
-            self.fn()
