@@ -1,14 +1,14 @@
-"""Step 5: assemble the final HDF5 artifact from the completed shards.
+"""Step 5: assemble the final HDF5 artifact from the index, the plan, the KNN tables and the stores.
 
 HDF5 is never left open for writing across a long step (a kill while open can leave it unreadable, see
-hdf5-contract.md). Instead:
+docs/architecture.md). Instead:
 
 1. the *skeleton* ``<out>.h5.partial`` is written in one go and closed: every small array, the
    attributes, and ``backbone_embeddings`` allocated contiguous with early allocation and no fill;
 2. the embeddings are copied into that dataset's byte range with ``pwrite``, never through HDF5, so
-   HDF5's own structures are never touched again; ``assemble.json`` records the rows made durable
+   HDF5's own structures are never touched again; ``assemble.json`` records the chunks made durable
    (fsync first, then the marker) and a rerun continues from there;
-3. the file is verified, renamed to ``<out>.h5`` (the commit), and the stats file is written last.
+3. the file is reopened read-only and checked against the stores, then renamed to ``<out>.h5`` (the commit).
 """
 
 from __future__ import annotations
@@ -19,37 +19,68 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from . import __version__, faults, geo_knn, records, workdir
-from .embed import chunk_name, done_chunks
+from . import __version__, durable, faults, geo_knn, records
+from .emb_store import EmbeddingStore
 from .plan import SPLITS, split_targets
 
 log = logging.getLogger(__name__)
 
-MARKER = "assemble.json"
 SYNC_BYTES = 256 << 20
+MISSING = -2  # a code no store gives: the row has no embedding yet
 
 
-def partial_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial")
+@dataclass
+class Part:
+    """One archive's share of the artifact: its rows (sorted index rows) and where they start."""
+
+    name: str
+    store: EmbeddingStore
+    rows: np.ndarray
+    start: int
+
+    def place(self, chunk_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which entries of a chunk the artifact holds, their artifact rows)."""
+        pos = np.searchsorted(self.rows, chunk_rows)
+        hit = pos < len(self.rows)
+        hit[hit] = self.rows[pos[hit]] == chunk_rows[hit]
+        return np.flatnonzero(hit), self.start + pos[hit]
+
+
+def gather_codes(parts: list[Part], n: int) -> np.ndarray:
+    """Every artifact row's decode result (0 = ok), from the stores' small arrays only."""
+    codes = np.full(n, MISSING, np.int8)
+    for part in parts:
+        for path in part.store.chunks():
+            chunk = durable.read_npz(path, ("rows", "codes"))
+            sel, dest = part.place(chunk["rows"])
+            codes[dest] = chunk["codes"][sel]
+    missing = np.flatnonzero(codes == MISSING)
+    if len(missing):
+        raise RuntimeError(f"{len(missing)} rows of the artifact have no embedding (first: row {missing[0]})")
+    return codes
 
 
 def _versions() -> dict[str, str]:
-    out = {"building_image_triplet_model": __version__, "h5py": h5py.__version__, "numpy": np.__version__}
-    out["hdf5"] = h5py.version.hdf5_version
-    return out
+    return {
+        "building_image_triplet_model": __version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "hdf5": h5py.version.hdf5_version,
+    }
 
 
 def write_skeleton(
     path: Path,
-    cache: dict[str, np.ndarray],
+    cache: Any,
     plan: dict[str, np.ndarray],
-    knn_dirs: dict[str, Path],
+    knn: dict[str, tuple[Path, int]],
     codes: np.ndarray,
     dim: int,
     dtype: str,
@@ -73,36 +104,29 @@ def write_skeleton(
         meta.create_dataset("TargetID", data=keys.astype(np.int64))
         meta["TargetID"].attrs["formula"] = records.TARGET_KEY_FORMULA
         for name in records.D_FIELDS:
-            out_name = "TargetID_raw" if name == "TargetID" else name
-            meta.create_dataset(out_name, data=cache[name][rows])
+            meta.create_dataset("TargetID_raw" if name == "TargetID" else name, data=cache[name][rows])
         meta.create_dataset("backbone_completed_mask", data=np.ones(n, bool))
         for split in SPLITS:
             pos = split_targets(plan, split)
             split_keys = plan["target_keys"][pos]
             f.create_dataset(f"splits/{split}", data=split_keys)
             meta.create_dataset(f"target_id_order_{split}", data=split_keys)
-            k = int(json.loads((knn_dirs[split] / workdir.SUCCESS).read_text())["k"])
-            idx_ds = meta.create_dataset(f"knn_indices_geo_{split}", shape=(len(pos), k), dtype=np.int32)
-            dist_ds = meta.create_dataset(f"knn_distances_geo_{split}", shape=(len(pos), k), dtype=np.float32)
-            dist_ds.attrs["unit"] = "metres (great-circle, mean Earth radius)"
-            if k:
-                for a, b in geo_knn.done_chunks(knn_dirs[split]):
-                    chunk = workdir.read_npz(knn_dirs[split] / geo_knn.chunk_name(a, b))
-                    idx_ds[a:b] = chunk["indices"]
-                    dist_ds[a:b] = chunk["distances"]
+            folder, k = knn[split]
+            idx, dist = geo_knn.load_split(folder, len(pos), k)
+            meta.create_dataset(f"knn_indices_geo_{split}", data=idx)
+            meta.create_dataset(f"knn_distances_geo_{split}", data=dist)
+            meta[f"knn_distances_geo_{split}"].attrs["unit"] = "metres (great-circle, mean Earth radius)"
         images = f.create_group("images")
         images.create_dataset("valid_indices", data=np.flatnonzero(codes == 0).astype(np.int64))
         images.create_dataset("reject_reason", data=codes.astype(np.int8))
         images["reject_reason"].attrs["reasons"] = json.dumps(list(records.REJECT_REASONS))
         images.create_dataset("source", data=cache["source_idx"][rows].astype(np.int32))
-        for col in ("stem", "path", "offset", "size"):
+        for col in ("stem", "path", "offset", "size", "checksum"):
             images.create_dataset(col, data=cache[col][rows])
         f.create_dataset("sources/name", data=cache["source_names"])
         targets = f.create_group("targets")
-        targets.create_dataset("key", data=plan["target_keys"])
-        targets.create_dataset("lat", data=plan["target_lat"])
-        targets.create_dataset("lon", data=plan["target_lon"])
-        targets.create_dataset("split", data=plan["target_split"])
+        for col in ("key", "lat", "lon", "split"):
+            targets.create_dataset(col, data=plan[f"target_{col}" if col != "key" else "target_keys"])
         targets["split"].attrs["values"] = json.dumps(list(SPLITS))
         targets.create_dataset("n_images", data=plan["target_images"])
         # A target whose every image failed to decode stays in its split and the KNN tables (it is a real
@@ -120,85 +144,74 @@ def write_skeleton(
     return int(offset)
 
 
-def gather_codes(emb_root: Path, names: list[str], counts: list[int]) -> np.ndarray:
-    """Every row's decode result (0 = ok), in artifact order."""
-    parts = []
-    for name, n in zip(names, counts, strict=True):
-        codes = np.zeros(n, np.int8)
-        for a, b in done_chunks(emb_root / name):
-            codes[a:b] = workdir.read_npz(emb_root / name / chunk_name(a, b))["codes"]
-        parts.append(codes)
-    return np.concatenate(parts) if parts else np.zeros(0, np.int8)
-
-
 def copy_embeddings(
     path: Path,
     offset: int,
     dim: int,
     dtype: str,
-    emb_root: Path,
-    names: list[str],
-    starts: np.ndarray,
-    marker_path: Path,
-    marker: dict[str, Any],
+    parts: list[Part],
+    save: Callable[[dict[str, Any]], None],
+    progress: dict[str, Any],
     stop: threading.Event,
     on_rows: Callable[[int], None] | None = None,
 ) -> bool:
-    """pwrite every chunk into the data range; durable progress in the marker. True when complete."""
+    """pwrite every chunk into the data range, archive after archive; durable progress through ``save``
+    (``progress["next"]``: the first (part, chunk) not yet durable). True when complete."""
     row_bytes = dim * np.dtype(dtype).itemsize
-    done = int(marker.get("rows_done", 0))
+    out_dtype = np.dtype(dtype).newbyteorder("<")
+    start = tuple(progress.get("next", (0, 0)))
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     unsynced = 0
     last_sync = time.monotonic()
 
-    def sync(upto: int) -> None:
+    def sync(at: tuple[int, int]) -> None:
         nonlocal unsynced, last_sync
         os.fdatasync(fd)
-        marker["rows_done"] = upto
-        workdir.write_json(marker_path, marker)
+        progress["next"] = list(at)
+        save(progress)
         unsynced, last_sync = 0, time.monotonic()
         faults.point("assemble.sync")
 
     try:
-        pos = done
-        for s, name in enumerate(names):
-            for a, b in done_chunks(emb_root / name):
-                g0, g1 = int(starts[s]) + a, int(starts[s]) + b
-                if g1 <= done:
+        for p, part in enumerate(parts):
+            chunks = part.store.chunks()
+            for c, chunk_path in enumerate(chunks):
+                if (p, c) < start:
                     continue
                 if stop.is_set():
-                    sync(pos)
+                    sync((p, c))
                     return False
-                emb = workdir.read_npz(emb_root / name / chunk_name(a, b))["emb"]
-                data = np.ascontiguousarray(emb, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
-                written = os.pwrite(fd, data, offset + g0 * row_bytes)
-                if written != len(data):
-                    raise OSError(f"{path}: short write at row {g0}")
-                pos = g1
-                unsynced += len(data)
+                chunk = part.store.read(chunk_path, dim)
+                sel, dest = part.place(chunk["rows"])
+                emb = np.ascontiguousarray(chunk["emb"][sel], dtype=out_dtype)
+                # Consecutive artifact rows go out in one write.
+                breaks = np.flatnonzero(np.diff(dest) != 1) + 1
+                for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(dest)], strict=True):
+                    if hi > lo:
+                        data = emb[lo:hi].tobytes()
+                        if os.pwrite(fd, data, offset + int(dest[lo]) * row_bytes) != len(data):
+                            raise OSError(f"{path}: short write at row {int(dest[lo])}")
+                        unsynced += len(data)
                 if on_rows:
-                    on_rows(g1 - max(g0, done))
+                    on_rows(len(sel))
                 if unsynced >= SYNC_BYTES or time.monotonic() - last_sync > 5:
-                    sync(pos)
-            if unsynced:
-                sync(pos)  # at every source boundary too
-        sync(pos)
+                    sync((p, c + 1))
+            sync((p + 1, 0))  # at every archive boundary too
     finally:
         os.close(fd)
     return True
 
 
-def verify(path: Path, emb_root: Path, names: list[str], starts: np.ndarray, n: int, dim: int) -> None:
+def verify(path: Path, parts: list[Part], n: int, dim: int) -> None:
     """Open the artifact as the trainer will and compare the first and last row of every chunk."""
     with h5py.File(path, "r") as f:
         ds = f["backbone_embeddings"]
         if ds.shape != (n, dim):
             raise RuntimeError(f"{path}: backbone_embeddings has shape {ds.shape}, expected {(n, dim)}")
-        for s, name in enumerate(names):
-            for a, b in done_chunks(emb_root / name):
-                emb = workdir.read_npz(emb_root / name / chunk_name(a, b))["emb"]
-                for r in {a, b - 1}:
-                    if not np.array_equal(ds[int(starts[s]) + r], emb[r - a].astype(ds.dtype)):
-                        raise RuntimeError(
-                            f"{path}: row {int(starts[s]) + r} differs from {name}/{chunk_name(a, b)}"
-                        )
+        for part in parts:
+            for chunk_path in part.store.chunks():
+                chunk = part.store.read(chunk_path, dim)
+                sel, dest = part.place(chunk["rows"])
+                for i in {0, len(sel) - 1} if len(sel) else ():
+                    if not np.array_equal(ds[int(dest[i])], chunk["emb"][sel[i]].astype(ds.dtype)):
+                        raise RuntimeError(f"{path}: row {int(dest[i])} differs from {chunk_path}")

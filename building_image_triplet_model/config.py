@@ -1,26 +1,34 @@
-"""The processor's configuration: one YAML file with a `data:` section.
+"""The processor's configuration: the `data:` section of one YAML file.
 
-Every key has a type, a default and a check; an unknown key, a wrong type or an impossible value is a
-ConfigError that names the key. Other top-level sections (the trainer's own) are ignored here.
+The original project keeps one YAML for the trainer and the processor, so the file is read as it is:
+
+* other top-level sections (`model`, `train`, `logging`, `auto_batch_size`, ...) belong to the trainer and
+  are not read;
+* keys of `data:` that only the trainer reads (TRAINER_KEYS) are known and ignored;
+* keys of the old preprocessing (LEGACY_KEYS) are accepted with one warning each that says what they mean
+  now, and mapped where the meaning is the same (`accelerator: cuda` is `device: cuda`);
+* any other unknown key is an error naming it, with the closest known key suggested.
+
+Every key has a type, a default and a check; a wrong type or an impossible value is a ConfigError naming
+the key. The processor never writes to the config file.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
+import difflib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import ConfigError
+
 DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
 
-
-class ConfigError(ValueError):
-    """A configuration the processor cannot run with; the message names the key."""
+# data: keys that the trainer (GeoTripletDataModule) reads and this processor does not.
+TRAINER_KEYS = frozenset({"num_difficulty_levels", "ucb_alpha", "cache_size"})
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class DataConfig:
     input_dir: str
     hdf5_path: str
     work_dir: str | None = None  # default: <hdf5 stem>.work next to the output
-    manifest: str | None = None  # aria2c manifest: the archives a (scale-out) run expects
+    manifest: str | None = None  # aria2c manifest: the archives a run expects (scale-out, --follow)
     # Selection and splits
     n_samples: int | None = None  # number of targets to keep (None: all)
     n_images: int | None = None  # at most this many images (whole targets)
@@ -52,78 +60,36 @@ class DataConfig:
     fast_decode: bool = True  # JPEG draft mode (DCT-domain downscale) when the target size allows
     embedding_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = 64
-    num_workers: int = 4  # DataLoader decode workers
-    cpu_threads: int = 0  # torch threads for the model on the CPU (0: torch's default)
+    num_workers: int | None = None  # DataLoader decode workers (None: what the machine has, see machine.py)
+    cpu_threads: int | None = None  # torch threads for a model on the CPU (None: see machine.py)
     prefetch_factor: int = 4
-    index_workers: int = 0  # 0: one per CPU core
+    index_workers: int | None = None  # index processes (None: one per core)
+    tar_record_bytes: int = 10240  # the archives' record size: more trailing zeros mean an unfinished file
     # Durability
-    checkpoint_interval_s: float = 60.0
-
-    # ---- derived paths -------------------------------------------------------------------------
-    @property
-    def output(self) -> Path:
-        return Path(self.hdf5_path)
-
-    @property
-    def work(self) -> Path:
-        if self.work_dir:
-            return Path(self.work_dir)
-        return self.output.with_name(self.output.stem + ".work")
-
-    @property
-    def rejects_path(self) -> Path:
-        return self.output.with_name(self.output.stem + ".rejects.tsv")
-
-    @property
-    def log_path(self) -> Path:
-        return self.output.with_name(self.output.stem + ".log")
-
-    @property
-    def stats_path(self) -> Path:
-        return self.output.with_name(self.output.stem + ".stats.json")
+    embedding_chunk_interval_s: float = 60.0  # the most embedding work a kill can cost
+    # Not read from the file: what loading it had to say (legacy keys), logged once at start.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def selects_subset(self) -> bool:
         return self.n_samples is not None or self.n_images is not None
 
-    # ---- fingerprints --------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        """The settings that change the artifact's contents (not paths, batch size or worker counts)."""
-        return dict(self._settings)
 
-    @property
-    def settings_fp(self) -> str:
-        return fingerprint(self._settings)
-
-    def changed_settings(self, old: dict[str, Any]) -> list[str]:
-        """The keys whose value in ``old`` (a recorded run's settings) differs from ours."""
-        ours = self._settings
-        return sorted(k for k in set(old) | set(ours) if old.get(k) != ours.get(k))
-
-    @functools.cached_property
-    def _settings(self) -> dict[str, Any]:
-        # Computed once per config: it hashes the weights file, which can be hundreds of MB.
-        keys = [
-            "n_samples",
-            "n_images",
-            "val_size",
-            "test_size",
-            "seed",
-            "split_strategy",
-            "knn_k",
-            "feature_model",
-            "image_size",
-            "pretrained",
-            "precision",
-            "fast_decode",
-            "embedding_dtype",
-        ]
-        out = {k: getattr(self, k) for k in keys}
-        if self.split_strategy == "cell":
-            out["split_cell_m"] = self.split_cell_m
-        out["weights_sha256"] = file_sha256(self.weights_path) if self.weights_path else None
-        return out
-
+# The old preprocessing's keys: what each means now, and the key it maps to (None: nothing to map).
+LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
+    "accelerator": ("device", "the device the backbone runs on; read as data.device"),
+    "devices": (
+        None,
+        "the number of GPUs; this processor uses one GPU per process and scales out over VMs "
+        "(Cloud Batch, docs/preprocessing_gcp.md) instead, so the value is not used",
+    ),
+    "strategy": (
+        None,
+        "the multi-GPU strategy (ddp); one process per GPU needs none, so the value is not used",
+    ),
+    "checkpoint_interval_s": ("embedding_chunk_interval_s", "renamed embedding_chunk_interval_s"),
+}
+_ACCELERATOR_TO_DEVICE = {"auto": "auto", "cuda": "cuda", "gpu": "cuda", "cpu": "cpu"}
 
 _INT_MIN = {
     "batch_size": 1,
@@ -133,7 +99,14 @@ _INT_MIN = {
     "knn_k": 1,
     "knn_chunk_rows": 1,
     "cpu_threads": 0,
+    "tar_record_bytes": 512,
 }
+_PATH_KEYS = ("input_dir", "hdf5_path", "work_dir", "manifest", "weights_path")
+_NOT_FROM_FILE = frozenset({"warnings"})
+
+
+def known_keys() -> frozenset[str]:
+    return frozenset(f.name for f in fields(DataConfig)) - _NOT_FROM_FILE
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -167,32 +140,75 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     raise AssertionError(f"unhandled type {hint} for {key}")
 
 
-def from_mapping(data: dict[str, Any], base_dir: Path | None = None) -> DataConfig:
+def _unknown_key_error(key: str) -> ConfigError:
+    candidates = sorted(known_keys() | TRAINER_KEYS | LEGACY_KEYS.keys())
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = (
+        f"; did you mean data.{close[0]}?" if close else f" (known keys: {', '.join(sorted(known_keys()))})"
+    )
+    return ConfigError(f"data.{key}: unknown key{hint}")
+
+
+def _translate_legacy(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Drop the trainer's keys, map or drop the old preprocessing's, and say what was done."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in data.items():
+        if key in TRAINER_KEYS:
+            continue
+        if key not in LEGACY_KEYS:
+            out[key] = value
+            continue
+        target, meaning = LEGACY_KEYS[key]
+        if target is None:
+            notes.append(f"data.{key}: {value!r} is the old preprocessing's {meaning}")
+            continue
+        if key == "accelerator":
+            mapped = _ACCELERATOR_TO_DEVICE.get(str(value).lower())
+            if mapped is None:
+                raise ConfigError(
+                    f"data.accelerator: {value!r} is not one of {', '.join(_ACCELERATOR_TO_DEVICE)}"
+                )
+            value = mapped
+        if target in data and data[target] != value:
+            raise ConfigError(
+                f"data.{key}: {data[key]!r} contradicts data.{target}: {data[target]!r}; keep one of them"
+            )
+        notes.append(f"data.{key}: {meaning}")
+        out.setdefault(target, value)
+    return out, notes
+
+
+def from_mapping(data: Any, base_dir: Path | None = None) -> DataConfig:
     """Validate a `data:` mapping. Relative paths are resolved against base_dir (default: the current
     directory, as for every command-line tool)."""
     if not isinstance(data, dict):
         raise ConfigError("data: expected a mapping of keys to values")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"data: keys must be names, got {bad[0]!r}")
+    data, notes = _translate_legacy(data)
     hints = get_type_hints(DataConfig)
-    known = {f.name for f in fields(DataConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known_keys())
     if unknown:
-        raise ConfigError(f"data.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+        raise _unknown_key_error(unknown[0])
     for required in ("input_dir", "hdf5_path"):
         if data.get(required) is None:
             raise ConfigError(f"data.{required}: required")
     values = {key: _check_type(key, value, hints[key]) for key, value in data.items()}
-    for key in ("input_dir", "hdf5_path", "work_dir", "manifest", "weights_path"):
+    for key in _PATH_KEYS:
         if values.get(key):
             values[key] = str(((base_dir or Path.cwd()) / os.path.expanduser(values[key])).resolve())
-    cfg = DataConfig(**values)
+    cfg = DataConfig(**values, warnings=tuple(notes))
     _check_values(cfg)
     return cfg
 
 
 def _check_values(cfg: DataConfig) -> None:
     for key, low in _INT_MIN.items():
-        if getattr(cfg, key) < low:
-            raise ConfigError(f"data.{key}: must be >= {low}, got {getattr(cfg, key)}")
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"data.{key}: must be >= {low}, got {value}")
     for key in ("n_samples", "n_images", "image_size"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
@@ -208,8 +224,12 @@ def _check_values(cfg: DataConfig) -> None:
         )
     if cfg.split_cell_m <= 0:
         raise ConfigError(f"data.split_cell_m: must be > 0, got {cfg.split_cell_m}")
-    if cfg.checkpoint_interval_s < 0:
-        raise ConfigError(f"data.checkpoint_interval_s: must be >= 0, got {cfg.checkpoint_interval_s}")
+    if cfg.embedding_chunk_interval_s < 0:
+        raise ConfigError(
+            f"data.embedding_chunk_interval_s: must be >= 0, got {cfg.embedding_chunk_interval_s}"
+        )
+    if cfg.tar_record_bytes % 512:
+        raise ConfigError(f"data.tar_record_bytes: must be a multiple of 512, got {cfg.tar_record_bytes}")
     if cfg.weights_path is not None:
         if not cfg.pretrained:
             raise ConfigError("data.weights_path: set pretrained: true to load a weights file")
@@ -218,16 +238,14 @@ def _check_values(cfg: DataConfig) -> None:
                 f"data.weights_path: {cfg.weights_path}: only .safetensors files are loaded "
                 "(pickle-based .pth/.bin files are never loaded; convert with safetensors.torch.save_file)"
             )
-        if not Path(cfg.weights_path).is_file():
-            raise ConfigError(f"data.weights_path: {cfg.weights_path}: no such file")
-    if cfg.output.suffix not in (".h5", ".hdf5"):
+    if Path(cfg.hdf5_path).suffix not in (".h5", ".hdf5"):
         raise ConfigError(f"data.hdf5_path: {cfg.hdf5_path}: expected a .h5 or .hdf5 file name")
     if cfg.seed < 0:
         raise ConfigError(f"data.seed: must be >= 0, got {cfg.seed}")
 
 
 def load(path: str | os.PathLike[str]) -> DataConfig:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file (read only: the file is never written)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -245,15 +263,8 @@ def load(path: str | os.PathLike[str]) -> DataConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(obj: Any) -> str:
-    """A stable short digest of a JSON-able object."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def with_overrides(cfg: DataConfig, **changes: Any) -> DataConfig:
+    """A copy with some keys changed, checked like the file's values (tests and benchmarks)."""
+    new = replace(cfg, **changes)
+    _check_values(new)
+    return new

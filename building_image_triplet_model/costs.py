@@ -1,9 +1,7 @@
 """What a preprocessing run costs on Google Cloud: a small, dependency-free model.
 
-Every price the model uses, with the date it was read and where it came from, is in :data:`PRICES` (one place;
-``docs/costs.md`` explains the model and prints its tables from this module). Prices marked ``verify`` are
-list prices that could not be confirmed from a primary source when they were read: check them against the
-Google Cloud pricing pages (or the Cloud Billing catalog) before relying on them.
+Every price the model uses, with its source and the date it was read, is in :data:`PRICES` (``prices.py``,
+re-exported here); ``docs/costs.md`` explains the model and prints its tables from this module.
 
 The model, for ``workers`` VMs (1 = the single VM or managed group; N = Google Cloud Batch):
 
@@ -19,7 +17,8 @@ The model, for ``workers`` VMs (1 = the single VM or managed group; N = Google C
   deleted: gcp/lifecycle/raw-bucket.json), the artifact for ``artifact_keep_days`` and the checkpoints for
   ``checkpoint_keep_days`` (Standard).
 
-Command line: ``python -m building_image_triplet_model.costs --help``.
+Every input is defined once, as a field of :class:`Inputs` (default, help, option); the command line
+(``python -m building_image_triplet_model.costs --help``) is generated from those fields.
 """
 
 from __future__ import annotations
@@ -28,7 +27,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
+from typing import Any, TypeVar, get_args, get_type_hints
+
+from .prices import PRICES, PRICES_READ_ON, Price
 
 __all__ = [
     "PRICES",
@@ -42,135 +44,71 @@ __all__ = [
     "update_doc",
 ]
 
-PRICES_READ_ON = "2026-11-29"
 HOURS_PER_MONTH = 730.0  # Google Cloud prorates GB-month prices over 730 hours
 DAYS_PER_MONTH = HOURS_PER_MONTH / 24.0
 
-
-@dataclass(frozen=True)
-class Price:
-    usd: float
-    unit: str
-    source: str
-    verify: bool = False
-
-
-# All prices: USD, us-central1 (Iowa), list prices without discounts or taxes, read on PRICES_READ_ON.
-PRICES: dict[str, Price] = {
-    "vm.g2-standard-16.on_demand": Price(
-        1.14720837,
-        "per VM hour (16 vCPU, 64 GB, 1 NVIDIA L4 included)",
-        "cloud.google.com/compute/all-pricing: g2-standard-4 is $0.70683228/h; each g2 step of +4 vCPU "
-        "and +16 GB adds $0.14679203/h (g2-standard-8 $0.85362431) -> 0.70683228 + 3 x 0.14679203",
-        verify=True,
-    ),
-    "vm.g2-standard-16.spot": Price(
-        0.4589,
-        "per VM hour",
-        "estimate: Spot G2 is about 60% below on demand (g2-standard-4 Spot reported at about $0.28/h, i.e. "
-        "0.40 x $0.7068); Spot prices change up to once a day: cloud.google.com/spot-vms/pricing",
-        verify=True,
-    ),
-    "vm.n2-highmem-8.on_demand": Price(
-        0.524,
-        "per VM hour (8 vCPU, 64 GB)",
-        "list price as known (cloud.google.com/compute/vm-instance-pricing, N2 high-memory)",
-        verify=True,
-    ),
-    "vm.n2-highmem-8.spot": Price(
-        0.157,
-        "per VM hour",
-        "estimate: about 70% below on demand for N2 Spot",
-        verify=True,
-    ),
-    "ip.external_ipv4.standard": Price(
-        0.005,
-        "per hour while attached",
-        "cloud.google.com/vpc/network-pricing (in-use external IPv4, since 2024-02)",
-        verify=True,
-    ),
-    "ip.external_ipv4.spot": Price(
-        0.0025,
-        "per hour while attached",
-        "cloud.google.com/vpc/network-pricing (external IPv4 on Spot/preemptible VMs)",
-        verify=True,
-    ),
-    "disk.pd-balanced": Price(
-        0.100,
-        "per GiB-month",
-        "cloud.google.com/compute/disks-image-pricing (Balanced PD capacity, us-central1)",
-    ),
-    "disk.pd-standard": Price(
-        0.040,
-        "per GiB-month",
-        "cloud.google.com/compute/disks-image-pricing (its example: 200 GB standard PD = $8.00/month)",
-    ),
-    "disk.pd-ssd": Price(
-        0.170,
-        "per GiB-month",
-        "cloud.google.com/compute/disks-image-pricing (its example: 200 GB SSD PD = $34.00/month)",
-    ),
-    "snapshot.standard.regional": Price(
-        0.05,
-        "per GiB-month",
-        "Compute Engine pricing announcement: regional standard snapshots $0.05/GB-month from 2023-04-01",
-    ),
-    "gcs.standard": Price(0.020, "per GiB-month", "cloud.google.com/storage/pricing (us-central1, regional)"),
-    "gcs.nearline": Price(0.010, "per GiB-month", "cloud.google.com/storage/pricing (us-central1, regional)"),
-    "gcs.coldline": Price(0.004, "per GiB-month", "cloud.google.com/storage/pricing (us-central1, regional)"),
-    "gcs.archive": Price(0.0012, "per GiB-month", "cloud.google.com/storage/pricing (us-central1, regional)"),
-    "gcs.retrieval.nearline": Price(
-        0.01, "per GiB read", "cloud.google.com/storage/pricing (retrieval fees)", verify=True
-    ),
-    "gcs.retrieval.coldline": Price(
-        0.02, "per GiB read", "cloud.google.com/storage/pricing (retrieval fees)", verify=True
-    ),
-    "logging.ingestion": Price(
-        0.50,
-        "per GiB beyond the first 50 GiB per project and month",
-        "cloud.google.com/stackdriver/pricing",
-        verify=True,
-    ),
-    "batch.service": Price(
-        0.0,
-        "per job",
-        "cloud.google.com/batch/pricing: no charge for Batch itself, only the resources it uses",
-    ),
-}
-
 RAW_LIFECYCLE_DAYS = (30, 90, 365)  # Standard until 30 days, Nearline until 90, Coldline until deleted at 365
+
+_T = TypeVar("_T")
+
+
+def _input(default: _T, help: str | None = None, **cli: Any) -> _T:
+    """An :class:`Inputs` field: its default, its help (meaning and unit, shown by --help) and how the command
+    line sets it (read by :func:`_options`): by default one option ``--field-name`` of the field's type;
+    ``flag`` renames it, ``choices`` restricts it; ``switches``: a bool's options, (flag, value it sets, help)
+    each; ``parts``: a tuple's options, one per element; ``cli=False``: no option."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class Inputs:
-    images: float = 20e6
-    images_per_s: float = 200.0
-    spot: bool = True
-    preemptions_per_day: float = 1.0
-    checkpoint_interval_min: float = 30.0
-    restart_min: float = 20.0
-    capacity_wait_h: float = 0.5
-    setup_h: float = 0.5
-    archives_gb: float = 448.0
-    download_mb_s: float = 100.0
-    read_mb_s: float = 200.0
-    tail_h: float = 2.0
-    workers: int = 1
-    machine: str = "g2-standard-16"
-    merge_machine: str = "n2-highmem-8"
-    raw_disk_gb: float = 1024.0
-    work_disk_gb: float = 512.0
-    worker_raw_disk_gb: float = 200.0
-    worker_work_disk_gb: float = 200.0
-    boot_disk_gb: float = 50.0
-    disk_type: str = "pd-balanced"
-    disk_keep_days: float = 2.0
-    mirror_raw: bool = True
-    raw_lifecycle_days: tuple[int, int, int] = RAW_LIFECYCLE_DAYS
-    embedding_dim: int = 768
-    embedding_bytes: int = 2
-    artifact_keep_days: float = 365.0
-    checkpoint_keep_days: float = 30.0
+    images: float = _input(20e6, "image/metadata pairs to embed (%(default)g)")
+    images_per_s: float = _input(200.0, "embedding throughput of one L4 (%(default)g)")
+    spot: bool = _input(
+        True,
+        "Spot (True) or on-demand VMs",
+        switches=(
+            ("--spot", True, "Spot VMs (default)"),
+            ("--on-demand", False, "on-demand VMs (no preemptions)"),
+        ),
+    )
+    preemptions_per_day: float = _input(
+        1.0, "Spot preemptions per day of VM time (%(default)g)", flag="--preemption-rate-per-day"
+    )
+    checkpoint_interval_min: float = _input(30.0, "work lost per preemption is half of this (%(default)g)")
+    restart_min: float = _input(
+        20.0, "VM time to come back after a preemption: boot, driver check, resume (%(default)g)"
+    )
+    capacity_wait_h: float = _input(0.5, "wall time without a VM after each preemption (%(default)g)")
+    setup_h: float = _input(0.5, "first boot: driver, uv sync (%(default)g)")
+    archives_gb: float = _input(448.0, "(%(default)g)")
+    download_mb_s: float = _input(100.0, "per VM (%(default)g)")
+    read_mb_s: float = _input(200.0, "tar indexing read rate (%(default)g)")
+    tail_h: float = _input(2.0, "KNN, assembly, upload (%(default)g)")
+    workers: int = _input(1, "1: one VM; N: Cloud Batch tasks (%(default)d)")
+    machine: str = _input("g2-standard-16", "machine type of the GPU VMs", cli=False)
+    merge_machine: str = _input("n2-highmem-8", "machine type of the Batch merge VM (on demand)", cli=False)
+    raw_disk_gb: float = _input(1024.0, "raw-archive data disk of the single VM, GB", cli=False)
+    work_disk_gb: float = _input(512.0, "work data disk of the single VM and of the merge VM, GB", cli=False)
+    worker_raw_disk_gb: float = _input(200.0, "raw-archive disk of each Batch worker, GB", cli=False)
+    worker_work_disk_gb: float = _input(200.0, "work disk of each Batch worker, GB", cli=False)
+    boot_disk_gb: float = _input(50.0, "boot disk of every VM, GB (always pd-balanced)", cli=False)
+    # --disk-type, the --raw-*-days and --embedding-bytes never showed a default in --help; they still don't.
+    disk_type: str = _input("pd-balanced", choices=("pd-balanced", "pd-standard", "pd-ssd"))
+    disk_keep_days: float = _input(2.0, "days the data disks are kept after the run (%(default)g)")
+    mirror_raw: bool = _input(
+        True,
+        "the archives are mirrored to the raw bucket",
+        switches=(("--no-raw-mirror", False, "the archives are not mirrored to the raw bucket"),),
+    )
+    raw_lifecycle_days: tuple[int, int, int] = _input(
+        RAW_LIFECYCLE_DAYS, parts=("--raw-nearline-days", "--raw-coldline-days", "--raw-delete-days")
+    )
+    embedding_dim: int = _input(768, "values per embedding", cli=False)
+    # --help has always listed --embedding-bytes last, while JSON lists the inputs in field order: keep both.
+    embedding_bytes: int = _input(2, "2: float16, 4: float32", help_last=True)
+    artifact_keep_days: float = _input(365.0, "(%(default)g)")
+    checkpoint_keep_days: float = _input(30.0, "(%(default)g)")
 
     def __post_init__(self) -> None:
         if self.images <= 0 or self.images_per_s <= 0:
@@ -372,13 +310,8 @@ def render_markdown(
             f"| {n} | {e.wall_h / 24:.2f} | {e.vm_h_per_worker * n:.0f} | {_money(e.total)} | "
             f"{(e.total - one) / one * 100:+.0f}% |"
         )
-    out += [
-        "",
-        f"### Prices (USD, us-central1, read on {PRICES_READ_ON})",
-        "",
-        "| key | price | unit | source |",
-    ]
-    out.append("| --- | --- | --- | --- |")
+    out += ["", f"### Prices (USD, us-central1, read on {PRICES_READ_ON})", ""]
+    out += ["| key | price | unit | source |", "| --- | --- | --- | --- |"]
     for key, p in PRICES.items():
         flag = " **verify**" if p.verify else ""
         out.append(f"| `{key}` | {p.usd:g}{flag} | {p.unit} | {p.source} |")
@@ -386,84 +319,45 @@ def render_markdown(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: generated from the fields of Inputs
+
+
+def _options(f: Field[Any], hint: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The options that set Inputs field ``f`` (of type ``hint``) as (flag, add_argument keywords). Each dest
+    is the one argparse would derive from the flag, so --help keeps its metavars; a bool's switches share one.
+    """
+    meta = f.metadata
+    if not meta.get("cli", True):
+        return []
+    if "switches" in meta:
+        action = {True: "store_true", False: "store_false"}
+        return [
+            (flag, {"dest": f.name, "action": action[value], "default": f.default, "help": text})
+            for flag, value, text in meta["switches"]
+        ]
+    if "parts" in meta:
+        return [
+            (flag, {"dest": flag[2:].replace("-", "_"), "type": kind, "default": default})
+            for flag, kind, default in zip(meta["parts"], get_args(hint), f.default, strict=True)
+        ]
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    kwargs = {"type": hint, "default": f.default, "choices": meta.get("choices"), "help": meta["help"]}
+    return [(flag, {"dest": flag[2:].replace("-", "_"), **kwargs})]
 
 
 def _parser() -> argparse.ArgumentParser:
-    d = Inputs()
     p = argparse.ArgumentParser(
         prog="python -m building_image_triplet_model.costs",
         description="Estimate the Google Cloud cost of one preprocessing run (prices: costs.PRICES).",
     )
-    p.add_argument(
-        "--images", type=float, default=d.images, help="image/metadata pairs to embed (%(default)g)"
-    )
-    p.add_argument(
-        "--images-per-s",
-        type=float,
-        default=d.images_per_s,
-        help="embedding throughput of one L4 (%(default)g)",
-    )
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--spot", dest="spot", action="store_true", default=True, help="Spot VMs (default)")
-    model.add_argument(
-        "--on-demand", dest="spot", action="store_false", help="on-demand VMs (no preemptions)"
-    )
-    p.add_argument(
-        "--preemption-rate-per-day",
-        type=float,
-        default=d.preemptions_per_day,
-        help="Spot preemptions per day of VM time (%(default)g)",
-    )
-    p.add_argument(
-        "--checkpoint-interval-min",
-        type=float,
-        default=d.checkpoint_interval_min,
-        help="work lost per preemption is half of this (%(default)g)",
-    )
-    p.add_argument(
-        "--restart-min",
-        type=float,
-        default=d.restart_min,
-        help="VM time to come back after a preemption: boot, driver check, resume (%(default)g)",
-    )
-    p.add_argument(
-        "--capacity-wait-h",
-        type=float,
-        default=d.capacity_wait_h,
-        help="wall time without a VM after each preemption (%(default)g)",
-    )
-    p.add_argument(
-        "--setup-h", type=float, default=d.setup_h, help="first boot: driver, uv sync (%(default)g)"
-    )
-    p.add_argument("--archives-gb", type=float, default=d.archives_gb, help="(%(default)g)")
-    p.add_argument("--download-mb-s", type=float, default=d.download_mb_s, help="per VM (%(default)g)")
-    p.add_argument(
-        "--read-mb-s", type=float, default=d.read_mb_s, help="tar indexing read rate (%(default)g)"
-    )
-    p.add_argument("--tail-h", type=float, default=d.tail_h, help="KNN, assembly, upload (%(default)g)")
-    p.add_argument(
-        "--workers", type=int, default=d.workers, help="1: one VM; N: Cloud Batch tasks (%(default)d)"
-    )
-    p.add_argument("--disk-type", default=d.disk_type, choices=["pd-balanced", "pd-standard", "pd-ssd"])
-    p.add_argument(
-        "--disk-keep-days",
-        type=float,
-        default=d.disk_keep_days,
-        help="days the data disks are kept after the run (%(default)g)",
-    )
-    p.add_argument(
-        "--no-raw-mirror",
-        dest="mirror_raw",
-        action="store_false",
-        help="the archives are not mirrored to the raw bucket",
-    )
-    p.add_argument("--raw-nearline-days", type=int, default=d.raw_lifecycle_days[0])
-    p.add_argument("--raw-coldline-days", type=int, default=d.raw_lifecycle_days[1])
-    p.add_argument("--raw-delete-days", type=int, default=d.raw_lifecycle_days[2])
-    p.add_argument("--artifact-keep-days", type=float, default=d.artifact_keep_days, help="(%(default)g)")
-    p.add_argument("--checkpoint-keep-days", type=float, default=d.checkpoint_keep_days, help="(%(default)g)")
-    p.add_argument("--embedding-bytes", type=int, default=d.embedding_bytes, help="2: float16, 4: float32")
+    hints = get_type_hints(Inputs)  # the annotations are strings (from __future__ import annotations)
+    # JSON lists the inputs in field order, --help as it always has: --embedding-bytes last (a stable sort).
+    for f in sorted(fields(Inputs), key=lambda f: f.metadata.get("help_last", False)):
+        options = _options(f, hints[f.name])
+        # --spot and --on-demand set the same bool: giving both is a mistake argparse should refuse.
+        group = p.add_mutually_exclusive_group() if len(options) > 1 and "switches" in f.metadata else p
+        for flag, kwargs in options:
+            group.add_argument(flag, **kwargs)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the estimate as JSON")
     out.add_argument("--markdown", action="store_true", help="print the tables of docs/costs.md")
@@ -474,6 +368,17 @@ def _parser() -> argparse.ArgumentParser:
         help="replace the generated block of FILE (docs/costs.md) with the current tables",
     )
     return p
+
+
+def _inputs_from(args: argparse.Namespace) -> Inputs:
+    """The Inputs the parsed command line describes; a field without options keeps its default."""
+    values: dict[str, Any] = {}
+    hints = get_type_hints(Inputs)
+    for f in fields(Inputs):
+        given = tuple(getattr(args, kwargs["dest"]) for _, kwargs in _options(f, hints[f.name]))
+        if given:  # a tuple has one option per element; the switches of a bool all set the same dest
+            values[f.name] = given if "parts" in f.metadata else given[0]
+    return Inputs(**values)
 
 
 DOC_BEGIN = "<!-- costs:begin -->"
@@ -499,28 +404,7 @@ def update_doc(path: str, inp: Inputs | None = None) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        inp = Inputs(
-            images=args.images,
-            images_per_s=args.images_per_s,
-            spot=args.spot,
-            preemptions_per_day=args.preemption_rate_per_day,
-            checkpoint_interval_min=args.checkpoint_interval_min,
-            restart_min=args.restart_min,
-            capacity_wait_h=args.capacity_wait_h,
-            setup_h=args.setup_h,
-            archives_gb=args.archives_gb,
-            download_mb_s=args.download_mb_s,
-            read_mb_s=args.read_mb_s,
-            tail_h=args.tail_h,
-            workers=args.workers,
-            disk_type=args.disk_type,
-            disk_keep_days=args.disk_keep_days,
-            mirror_raw=args.mirror_raw,
-            raw_lifecycle_days=(args.raw_nearline_days, args.raw_coldline_days, args.raw_delete_days),
-            artifact_keep_days=args.artifact_keep_days,
-            checkpoint_keep_days=args.checkpoint_keep_days,
-            embedding_bytes=args.embedding_bytes,
-        )
+        inp = _inputs_from(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
     python -m building_image_triplet_model.dataset_processor --config config.yaml
 
-Resumable: run the same command again after any interruption and it continues where it stopped.
+Resumable and incremental: run the same command again after any interruption and it continues where it
+stopped; run it with other settings or more archives and it redoes only what they change (embeddings are
+reused whenever the model and the archive are the same).
 """
 
 from __future__ import annotations
@@ -12,33 +14,33 @@ import sys
 import threading
 
 from . import config as config_mod
-from . import pipeline
+from . import exit_codes, pipeline
+from .exit_codes import Exit
 from .work_split import task_from_env
-
-EPILOG = f"""exit codes:
-  {pipeline.EXIT_OK}   complete
-  {pipeline.EXIT_ERROR}   unexpected error (see the log)
-  {pipeline.EXIT_CONFIG}   configuration or usage error
-  {pipeline.EXIT_INPUT}   input error (missing input_dir, unreadable archive, no valid pair)
-  {pipeline.EXIT_REFUSED}   resume refused: settings or inputs differ from the existing run (use --fresh)
-  {pipeline.EXIT_LOCKED}   another processor is running on this output
-  {pipeline.EXIT_MODEL}   the model or its pretrained weights could not be loaded
-  {pipeline.EXIT_INTERRUPTED}  interrupted (SIGTERM/SIGINT): progress is saved, run again
-"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m building_image_triplet_model.dataset_processor",
         description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
+        epilog=exit_codes.help_table(exit_codes.PROCESSOR_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", required=True, help="YAML file with a data: section (see the README)")
     ap.add_argument(
         "--fresh",
         action="store_true",
-        help="discard the existing output and its work folder (index shards are kept) and start over",
+        help="discard the artifact, plan, KNN tables and index (every archive is indexed again) and start "
+        "over; embeddings are kept and reused where the model and the archive are the same",
+    )
+    ap.add_argument(
+        "--discard-embeddings", action="store_true", help="--fresh, and discard the embeddings too"
+    )
+    ap.add_argument(
+        "--follow",
+        action="store_true",
+        help="the archives of data.manifest are still arriving (a download runs): index, and embed, each one "
+        "when it appears in input_dir; plan, KNN and the artifact once all are there",
     )
     ap.add_argument("--task-index", type=int, help="scale-out worker: this task's index (or TASK_INDEX)")
     ap.add_argument("--task-count", type=int, help="scale-out worker: number of tasks (or TASK_COUNT)")
@@ -47,7 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--run-uri",
         help="scale-out: the run's folder (gs://bucket/prefix/RUN_ID or a local path) workers publish to",
     )
-    ap.add_argument("--wait-timeout-s", type=float, default=0, help="--merge: wait this long for all shards")
+    ap.add_argument(
+        "--wait-timeout-s",
+        type=float,
+        default=0,
+        help="--merge: wait this long for every worker's shards; --follow: for the archives (0: forever)",
+    )
     return ap.parse_args(argv)
 
 
@@ -57,22 +64,35 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        return pipeline.EXIT_CONFIG
+        return Exit.CONFIG
     task = None
     if args.task_index is not None or args.task_count is not None:
         if args.task_index is None or args.task_count is None:
             print("--task-index and --task-count go together", file=sys.stderr)
-            return pipeline.EXIT_CONFIG
+            return Exit.CONFIG
         task = (args.task_index, args.task_count)
     elif not args.merge:
         task = task_from_env()
+    if (args.follow or task is not None) and not cfg.manifest:
+        print(
+            "configuration error: data.manifest: --follow and scale-out workers need the run's manifest",
+            file=sys.stderr,
+        )
+        return Exit.CONFIG
     stop = threading.Event()
     pipeline.install_signal_handlers(stop)
     if task is not None or args.merge:
         from . import scale_out
 
         return scale_out.main(cfg, args, task, stop)
-    return pipeline.execute(cfg, fresh=args.fresh, stop=stop)
+    return pipeline.execute(
+        cfg,
+        fresh=args.fresh,
+        discard_embeddings=args.discard_embeddings,
+        follow=args.follow,
+        follow_timeout_s=args.wait_timeout_s,
+        stop=stop,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 The result is uint8 HWC at the model's input size; converting to float and normalising happen on the
 device, so workers move 4x fewer bytes and the GPU does the arithmetic it is best at. Decoding failures
 are returned as a reason code, never raised: the image is marked invalid in this same (only) pass.
+
+Every image's bytes are checked against the checksum the index recorded: an archive that changed after it
+was indexed (even with its size and mtime restored) gives CHANGED instead of pixels, and the run stops
+with an error naming it, so metadata and embeddings can never come from different bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import numpy as np
 from PIL import Image
 
 from .records import REASON_CODE
+from .tar_reader import checksum
+
+CHANGED = -1  # a code, beside the reject codes: the bytes are not the ones the index saw
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _INTERPOLATION = {
@@ -39,16 +46,14 @@ class Transform:
     fast_decode: bool
 
     @classmethod
-    def from_data_config(cls, data_config: dict[str, Any], fast_decode: bool) -> Transform:
-        size = int(data_config["input_size"][-1])
-        crop_pct = float(data_config.get("crop_pct") or 1.0)
-        if data_config.get("crop_mode", "center") != "center":
-            raise ValueError(f"crop_mode {data_config.get('crop_mode')!r} is not supported (only center)")
+    def from_identity(cls, identity: Any) -> Transform:
+        """The eval transform a model identity (identity.ModelIdentity) names."""
+        size = int(identity.input_size[-1])
         return cls(
             size=size,
-            scale_size=math.floor(size / crop_pct),
-            interpolation=str(data_config.get("interpolation", "bicubic")),
-            fast_decode=fast_decode,
+            scale_size=math.floor(size / identity.crop_pct),
+            interpolation=identity.interpolation,
+            fast_decode=identity.fast_decode,
         )
 
     def apply(self, data: bytes) -> np.ndarray:
@@ -90,6 +95,16 @@ class ImageReader:
         self.source_is_tar = source_is_tar
         self._fds: dict[int, int] = {}
         self._pid = -1
+
+    def read_verified(
+        self, source: int, rel_path: bytes, offset: int, size: int, expected: int
+    ) -> bytes | None:
+        """The image's bytes, or None when they are not the bytes the index recorded."""
+        try:
+            data = self.read(source, rel_path, offset, size)
+        except OSError:
+            return None
+        return data if len(data) == size and checksum(data) == expected else None
 
     def read(self, source: int, rel_path: bytes, offset: int, size: int) -> bytes:
         if self.source_is_tar[source]:

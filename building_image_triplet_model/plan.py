@@ -103,6 +103,12 @@ def source_counts(plan: dict[str, np.ndarray]) -> list[int]:
     return np.diff(plan["src_start"]).astype(int).tolist()
 
 
+def source_rows(plan: dict[str, np.ndarray], first_rows: np.ndarray, s: int) -> np.ndarray:
+    """The index rows (of source s's own shard, sorted) that the artifact holds."""
+    a, b = int(plan["src_start"][s]), int(plan["src_start"][s + 1])
+    return plan["rows"][a:b] - int(first_rows[s])
+
+
 def summary(plan: dict[str, np.ndarray], source_names: list[str]) -> dict[str, Any]:
     per_split = {s: int((plan["target_split"] == i).sum()) for i, s in enumerate(SPLITS)}
     return {

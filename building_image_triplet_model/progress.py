@@ -1,30 +1,49 @@
-"""Progress: timestamped logs, tqdm bars, and a machine-readable trail.
+"""Progress a person can watch, and a trail a machine can read.
 
-``progress.json`` (in the work folder) holds each step's counts, rate and ETA for the status report;
-``events.jsonl`` gets one JSON object per progress event, the structured lines Cloud Logging filters on.
+* The log format: ``<UTC time>Z <tag>[<pid>]: [WARNING: |ERROR: ]message``, the same as the bootstrap's
+  bash (gcp/scripts/lib.sh), so that one journal reads as one log.
+* On a terminal every long step has a tqdm bar with its rate and ETA, and log lines go through tqdm
+  (its logging redirection), never into the middle of a bar. Off a terminal, one progress line per
+  ``log_every_s``.
+* ``progress.json`` (the work folder) holds each step's counts, rate and ETA for the status report;
+  ``events.jsonl`` one JSON object per progress event and per warning, for Cloud Logging.
+
+A step's clock starts when its work starts (the embedding step's once the model is ready), so rates and
+ETAs measure work, not imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import workdir
+from . import durable
 
 log = logging.getLogger("building_image_triplet_model")
 
 
-class UTCFormatter(logging.Formatter):
-    converter = time.gmtime
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+class LineFormatter(logging.Formatter):
+    """``2026-12-01T21:21:07Z index[4242]: indexed 0088 ...``; warnings and errors say so first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        text = f"{ts} {record.name.rsplit('.', 1)[-1]}[{record.process}]: {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 class JsonEventHandler(logging.Handler):
@@ -43,26 +62,26 @@ class JsonEventHandler(logging.Handler):
                 "logger": record.name,
                 "message": record.getMessage(),
             }
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
         except Exception:
             self.handleError(record)
 
 
-def setup_logging(log_file: Path | None, verbose: bool = False, events_file: Path | None = None) -> None:
-    """Console and log-file handlers with UTC timestamps (idempotent)."""
+def setup_logging(
+    log_file: Path | None = None, events_file: Path | None = None, verbose: bool = False
+) -> None:
+    """The console handler, and once the output folder exists, the log file and the events (idempotent)."""
     root = logging.getLogger("building_image_triplet_model")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    fmt = UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = LineFormatter()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     root.addHandler(console)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
@@ -71,19 +90,20 @@ def setup_logging(log_file: Path | None, verbose: bool = False, events_file: Pat
     root.propagate = False
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class Progress:
-    """Counts per step; rates are measured over this run only (resumed work is not counted as speed)."""
+    """Counts per step; rates are measured over this run's work only."""
 
-    def __init__(self, work: Path, log_every_s: float = 30.0, bars: bool | None = None) -> None:
-        self.work = work
-        self.path = work / "progress.json"
-        previous = workdir.read_json(self.path) or {}
-        self.state: dict[str, Any] = {"steps": previous.get("steps", {}), "run": {}}
-        self.state["run"] = {"pid": os.getpid(), "started": utc_now(), "previous": previous.get("run")}
+    def __init__(self, path: Path, events: Path, log_every_s: float = 30.0, bars: bool | None = None) -> None:
+        self.path = path
+        self.events = events
+        try:
+            previous = durable.read_json(path) or {}
+        except durable.CorruptFileError:
+            previous = {}  # only a report: start a new one
+        self.state: dict[str, Any] = {
+            "steps": previous.get("steps", {}),
+            "run": {"pid": os.getpid(), "started": utc_now(), "previous": previous.get("run")},
+        }
         self.log_every_s = log_every_s
         self._t0: dict[str, float] = {}
         self._done0: dict[str, int] = {}
@@ -91,7 +111,17 @@ class Progress:
         self._last_write = 0.0
         self._bars: dict[str, Any] = {}
         self.bars_enabled = sys.stderr.isatty() if bars is None else bars
-        self.events = work / "events.jsonl"
+
+    @contextlib.contextmanager
+    def console(self) -> Iterator[None]:
+        """While bars are shown, log lines are written through tqdm, above the bars."""
+        if not self.bars_enabled:
+            yield
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
 
     def start(self, step: str, total: int, done: int = 0, unit: str = "items", **extra: Any) -> None:
         self._t0[step] = time.monotonic()
@@ -105,7 +135,12 @@ class Progress:
             from tqdm import tqdm
 
             self._bars[step] = tqdm(
-                total=total, initial=done, desc=step, unit=unit[:-1] if unit.endswith("s") else unit
+                total=total,
+                initial=done,
+                desc=step,
+                unit=unit.rstrip("s") or unit,
+                unit_scale=unit == "bytes",
+                dynamic_ncols=True,
             )
         self._emit(step, force=True)
 
@@ -132,35 +167,37 @@ class Progress:
             bar.close()
         self._emit(step, force=True)
 
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+        self.save()
+
     def _emit(self, step: str, force: bool = False) -> None:
         now = time.monotonic()
         st = self.state["steps"][step]
         if force or now - self._last_log.get(step, 0.0) >= self.log_every_s:
             self._last_log[step] = now
-            event = {
-                "ts": utc_now(),
-                "severity": "INFO",
-                "event": "progress",
-                "phase": step,
-            }
+            event = {"ts": utc_now(), "severity": "INFO", "event": "progress", "phase": step}
             event.update({k: st.get(k) for k in ("status", "done", "total", "unit", "rate", "eta_s")})
             with open(self.events, "a") as fh:
                 fh.write(json.dumps(event) + "\n")
             if not force and not self.bars_enabled:
-                eta = st.get("eta_s")
-                log.info(
-                    "%s: %d/%d %s%s%s",
-                    step,
-                    st["done"],
-                    st["total"],
-                    st.get("unit", ""),
-                    f", {st['rate']:.1f}/s" if st.get("rate") else "",
-                    f", ETA {eta / 60:.1f} min" if eta is not None else "",
-                )
+                log.info("%s", line(step, st))
         if force or now - self._last_write >= 2.0:
             self._last_write = now
             self.save()
 
     def save(self) -> None:
         self.state["run"]["updated"] = utc_now()
-        workdir.write_json(self.path, self.state)
+        durable.write_json(self.path, self.state)
+
+
+def line(step: str, st: dict[str, Any]) -> str:
+    """'embed: 1200/5000 images, 180.2/s, ETA 0.4 min'."""
+    eta = st.get("eta_s")
+    return (
+        f"{step}: {st['done']}/{st['total']} {st.get('unit', '')}"
+        + (f", {st['rate']:.1f}/s" if st.get("rate") else "")
+        + (f", ETA {eta / 60:.1f} min" if eta is not None else "")
+    )

@@ -7,6 +7,7 @@ normal_y normal_z street_lat street_lon street_height distance heading pitch rol
 from __future__ import annotations
 
 import math
+import re
 from typing import Final
 
 import numpy as np
@@ -63,6 +64,8 @@ REJECT_REASONS: Final = (
     "unrecognized_file",  # neither .jpg/.jpeg nor .txt
     "not_jpeg",  # the image bytes are not a JPEG (found while embedding)
     "decode_error",  # the JPEG does not decode (found while embedding)
+    "conflicting_d_lines",  # a .txt with two different d lines
+    "unreadable_image",  # an image file of an extracted folder that cannot be read
 )
 REASON_CODE: Final = {name: code for code, name in enumerate(REJECT_REASONS)}
 
@@ -77,34 +80,47 @@ class RejectError(ValueError):
         self.detail = detail
 
 
+# What a number in a d line looks like: sign, digits, one decimal point, an exponent. Python's own int() and
+# float() also take "1_000", "inf", "nan" and surrounding spaces, which a d line never holds.
+_INT = re.compile(r"[+-]?[0-9]+\Z")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+_NON_FINITE = re.compile(r"[+-]?(?:inf|infinity|nan)\Z", re.IGNORECASE)
+
+
+def _number(token: str, pattern: re.Pattern[str], name: str) -> str:
+    if pattern.match(token):
+        return token
+    if _NON_FINITE.match(token):
+        raise RejectError("non_finite_value", f"{name}={token}")
+    kind = "an integer" if pattern is _INT else "a decimal number"
+    raise RejectError("non_numeric_field", f"{name}={token!r} is not {kind}")
+
+
 def parse_d_line(raw: bytes) -> tuple[int, int, int, int, tuple[float, ...]]:
     """Parse the `d` line of one metadata file.
 
-    Returns the four ids and the 13 float fields, or raises RejectError naming what is wrong.
+    Returns the four ids and the 13 float fields, or raises RejectError naming what is wrong. A file may
+    repeat its d line; two different d lines are a reject of their own.
     """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RejectError("unreadable_txt", str(exc)) from None
-    for line in text.splitlines():
-        tokens = line.split()
-        if tokens and tokens[0] == "d":
-            break
-    else:
+    d_lines = {tuple(t) for line in text.splitlines() if (t := line.split()) and t[0] == "d"}
+    if not d_lines:
         raise RejectError("no_d_line")
-    values = tokens[1:]
+    if len(d_lines) > 1:
+        raise RejectError("conflicting_d_lines", f"{len(d_lines)} different d lines")
+    values = d_lines.pop()[1:]
     if len(values) < len(D_FIELDS):
         raise RejectError("too_few_fields", f"{len(values)} of {len(D_FIELDS)}")
     if len(values) > len(D_FIELDS):
         raise RejectError("too_many_fields", f"{len(values)} of {len(D_FIELDS)}")
-    try:
-        ids = [int(v) for v in values[:4]]
-        floats = tuple(float(v) for v in values[4:])
-    except ValueError as exc:
-        raise RejectError("non_numeric_field", str(exc)) from None
-    if not all(math.isfinite(v) for v in floats):
-        raise RejectError("non_finite_value")
+    ids = [int(_number(v, _INT, name)) for v, name in zip(values[:4], ID_FIELDS, strict=True)]
+    floats = tuple(float(_number(v, _FLOAT, name)) for v, name in zip(values[4:], FLOAT_FIELDS, strict=True))
     for name, value in zip(FLOAT_FIELDS, floats, strict=True):
+        if not math.isfinite(value):  # a literal beyond float64's range, such as 1e999
+            raise RejectError("non_finite_value", f"{name} overflows")
         if name.endswith("_lat") and abs(value) > 90:
             raise RejectError("lat_out_of_range", f"{name}={value}")
         if name.endswith("_lon") and abs(value) > 180:

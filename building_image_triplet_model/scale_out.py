@@ -2,16 +2,17 @@
 
 A run lives under one folder ``RUN_URI`` (``gs://bucket/checkpoints/RUN_ID`` or a local path):
 
-    RUN_URI/run_settings.json                 the settings fingerprint every worker and the merge must match
-    RUN_URI/shards/index/<source>.npz|.json   a source's index shard (marker .json sent after the data)
-    RUN_URI/shards/emb/<source>/<a>-<b>.npz   its embedding chunks, published as they are written
-    RUN_URI/shards/emb/<source>/_SUCCESS.json the source's commit marker, sent last
+    RUN_URI/run_settings.json                          what every worker and the merge must share
+    RUN_URI/shards/index/<source>.npz|.json            a source's index shard (its marker after the data)
+    RUN_URI/shards/emb/<model key>/model.json          what the model key stands for
+    RUN_URI/shards/emb/<model key>/<source>-<content>/ its embedding store, chunks as they are written,
+                                                       _SUCCESS.json last
 
-A worker (``--task-index I --task-count N``, or TASK_INDEX/TASK_COUNT, or Cloud Batch's
-BATCH_TASK_INDEX/BATCH_TASK_COUNT) first restores its own sources' shards from RUN_URI (a retried task on a
-fresh VM continues), then indexes and embeds only them. The merge (``--merge``, CPU only, no archives
-needed) waits for every source of the manifest, pulls the shards and runs the usual plan, KNN and
-assembly steps: the artifact equals a single run's over the same archives.
+The shards are the work folder's own files (workdir.py): a worker's are the same kind of thing as a single
+VM's. A worker (``--task-index I --task-count N``, or TASK_INDEX/TASK_COUNT, or Cloud Batch's
+BATCH_TASK_INDEX/BATCH_TASK_COUNT) first restores its own archives' shards (a retried task on a fresh VM
+continues), then indexes and embeds only them. The merge (``--merge``, CPU only, no archives) waits for
+every archive's shard, pulls them and plans, runs KNN and assembles: the artifact equals a single run's.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ import logging
 import threading
 import time
 
-from . import cloud_sync, pipeline, workdir
-from .config import ConfigError, DataConfig
+from . import cloud_sync, identity, pipeline
+from .config import DataConfig
+from .context import Hooks, RunContext
+from .embed import Work
+from .errors import ConfigError, InputError, ResumeRefused
 from .progress import setup_logging
+from .work_split import manifest_sources, task_share
 
 log = logging.getLogger(__name__)
 
@@ -36,57 +41,47 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def claim_settings(cfg: DataConfig, run_uri: str, create: bool) -> None:
-    """Create the run's settings record, or check ours against it; ResumeRefused when they differ."""
-    record = pipeline.new_run_record(cfg)
+def run_settings(cfg: DataConfig) -> dict:
+    """What a worker of the run shares with every other and with the merge."""
+    return {"selection": identity.selection(cfg), "knn_k": cfg.knn_k, "model_spec": identity.model_spec(cfg)}
+
+
+def _differences(theirs: dict, ours: dict) -> str:
+    return ", ".join(
+        f"{k}: run has {theirs.get(k)!r}, this process {v!r}"
+        for k, v in sorted(ours.items())
+        if theirs.get(k) != v
+    )
+
+
+def claim(run_uri: str, record: dict, create: bool) -> dict:
+    """Create the run's settings record (create-only), or check ours against it: ResumeRefused when any
+    of our keys differs. Returns the run's record."""
     uri = join(run_uri, SETTINGS_NAME)
     if create:
         try:
             cloud_sync.write_text(uri, json.dumps(record, indent=1, sort_keys=True), if_generation_match=0)
             log.info("created run settings %s", uri)
-            return
+            return record
         except FileExistsError:
             pass
     try:
         theirs = json.loads(cloud_sync.read_text(uri))
     except FileNotFoundError:
         raise ConfigError(f"--run-uri {run_uri}: no such run ({SETTINGS_NAME} is missing)") from None
-    if theirs.get("settings_fp") != record["settings_fp"]:
-        old, settings = theirs.get("settings", {}), record["settings"]
-        details = ", ".join(
-            f"{k}: run has {old.get(k)!r}, this worker {settings.get(k)!r}" for k in cfg.changed_settings(old)
+    if any(theirs.get(k) != v for k, v in record.items()):
+        raise ResumeRefused(
+            f"{run_uri}: this process's settings differ from the run's "
+            f"({_differences(theirs, record)}); use the run's config, or start a new run id"
         )
-        raise pipeline.ResumeRefused(
-            f"{run_uri}: this process's settings differ from the run's ({details}); refusing to join. "
-            "Use the run's config, or start a new run id"
-        )
+    return theirs
 
 
-def _source_filters(names: list[str]) -> list[str]:
-    out = []
+def shard_filters(model_key: str, names: list[str]) -> list[str]:
+    out = [f"emb/{model_key}/model.json"]
     for n in names:
-        out += [f"index/{n}.npz", f"index/{n}.json", f"emb/{n}/*"]
+        out += [f"index/{n}.npz", f"index/{n}.json", f"emb/{model_key}/{n}-*/*"]
     return out
-
-
-def adopt_settings(cfg: DataConfig, run_uri: str) -> None:
-    """Shards pulled from the run are trusted locally: claim_settings checked they share our settings."""
-    if not (cfg.work / "run.json").exists():
-        workdir.write_json(cfg.work / "run.json", {**pipeline.new_run_record(cfg), "shards_from": run_uri})
-
-
-def restore(run_uri: str, cfg: DataConfig, names: list[str]) -> None:
-    shards = join(run_uri, "shards")
-    if not cloud_sync.exists(shards):
-        return
-    result = cloud_sync.pull_dir(shards, cfg.work, include=_source_filters(names))
-    log.info("restored shards from %s: %s", shards, result.summary("pulled"))
-    adopt_settings(cfg, run_uri)
-
-
-def publish(run_uri: str, cfg: DataConfig, names: list[str]) -> None:
-    result = cloud_sync.push_dir(cfg.work, join(run_uri, "shards"), include=_source_filters(names))
-    log.debug("published: %s", result.summary("pushed"))
 
 
 def worker(
@@ -94,59 +89,68 @@ def worker(
     run_uri: str | None,
     task: tuple[int, int],
     fresh: bool,
+    follow: bool,
     stop: threading.Event | None = None,
 ) -> int:
-    """Index and embed this task's archives, publishing shards to run_uri as they complete."""
-    if cfg.manifest is None:
-        raise ConfigError("data.manifest: a scale-out worker needs the run's manifest to know its share")
-    from .work_split import manifest_sources, task_share
-
-    names = task_share(manifest_sources(cfg.manifest), *task)
+    """Index and embed this task's archives, publishing shards to run_uri as they are written."""
+    names = task_share(manifest_sources(cfg.manifest or ""), *task)
     log.info("task %d of %d: %d archives: %s", task[0], task[1], len(names), " ".join(names))
-    if run_uri:
-        claim_settings(cfg, run_uri, create=True)
-        restore(run_uri, cfg, names)
-    published = {n: (workdir.read_json(cfg.work / "index" / f"{n}.json") or {}).get("digest") for n in names}
+    shards = join(run_uri, "shards") if run_uri else None
+    published: dict[str, str | None] = {}
 
-    def after_index() -> None:
-        # A re-downloaded archive is indexed again; its embeddings are only valid if its content is the same.
+    def publish(ctx: RunContext, which: list[str]) -> None:
+        if shards:
+            result = cloud_sync.push_dir(ctx.layout.work, shards, include=shard_filters(ctx.model_key, which))
+            log.debug("published: %s", result.summary("pushed"))
+
+    def on_start(ctx: RunContext) -> None:
+        if not run_uri or not shards:
+            return
+        claim(run_uri, {**run_settings(cfg), "model_key": ctx.model_key}, create=True)
+        if cloud_sync.exists(shards):
+            result = cloud_sync.pull_dir(shards, ctx.layout.work, include=shard_filters(ctx.model_key, names))
+            log.info("restored shards from %s: %s", shards, result.summary("pulled"))
         for n in names:
-            now = (workdir.read_json(cfg.work / "index" / f"{n}.json") or {}).get("digest")
-            if published[n] and now != published[n]:
-                raise pipeline.ResumeRefused(
+            marker = ctx.layout.index_marker(n, None)
+            published[n] = marker["digest"] if marker else None
+
+    def after_index(ctx: RunContext) -> None:
+        # A re-downloaded archive is indexed again; its shards are only valid if its content is the same.
+        for n in names:
+            if published.get(n) and ctx.markers[n]["digest"] != published[n]:
+                raise ResumeRefused(
                     f"archive {n} differs from the one this run's shards were made from; "
                     "restore the original archive or start a new run id"
                 )
-        if run_uri:
-            publish(run_uri, cfg, names)
+        publish(ctx, names)
 
-    def hooks(runner: pipeline.Runner) -> None:
-        runner.after_index = after_index
-        if run_uri:
-            # Publishing from the writer thread: a chunk reaches the bucket seconds after it is on disk.
-            runner.on_chunk = lambda work, a, b: publish(run_uri, cfg, [work.name])
-            runner.on_source_published = lambda name: publish(run_uri, cfg, [name])
+    def chunk(ctx: RunContext, work: Work) -> None:
+        publish(ctx, [work.name])  # from the writer thread: seconds after it is on disk
 
-    code = pipeline.execute(cfg, fresh=fresh, task=pipeline.Task(*task), stop=stop, hooks=hooks)
-    if code == pipeline.EXIT_OK and run_uri:
-        publish(run_uri, cfg, names)
-    return code
+    def finished(ctx: RunContext) -> None:
+        publish(ctx, names)
+
+    hooks = Hooks(
+        on_start=on_start, after_index=after_index, on_chunk=chunk, on_store_done=chunk, on_finish=finished
+    )
+    return pipeline.execute(cfg, fresh=fresh, mode="worker", task=task, follow=follow, hooks=hooks, stop=stop)
 
 
-def wait_for_shards(run_uri: str, names: list[str], timeout_s: float) -> None:
+def wait_for_shards(run_uri: str, model_key: str, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     shards = join(run_uri, "shards")
     while True:
         present = {o.name for o in cloud_sync.list_objects(shards)} if cloud_sync.exists(shards) else set()
-        missing = [
-            n
-            for n in names
-            if f"emb/{n}/{workdir.SUCCESS}" not in present or f"index/{n}.json" not in present
-        ]
+        stores = {
+            p.split("/")[2].rsplit("-", 1)[0]
+            for p in present
+            if p.startswith(f"emb/{model_key}/") and p.endswith("/_SUCCESS.json")
+        }
+        missing = [n for n in names if n not in stores or f"index/{n}.json" not in present]
         if not missing:
             return
         if time.monotonic() >= deadline:
-            raise pipeline.InputError(
+            raise InputError(
                 f"{shards}: {len(missing)} of {len(names)} archives have no complete shard yet: "
                 f"{' '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
             )
@@ -157,18 +161,31 @@ def wait_for_shards(run_uri: str, names: list[str], timeout_s: float) -> None:
 def merge(
     cfg: DataConfig, run_uri: str | None, timeout_s: float, fresh: bool, stop: threading.Event | None = None
 ) -> int:
-    if cfg.manifest is None:
-        raise ConfigError("data.manifest: the merge needs the run's manifest to know every archive")
-    from .work_split import manifest_sources
-
-    names = manifest_sources(cfg.manifest)
+    names = manifest_sources(cfg.manifest or "")
+    model_key = ""
     if run_uri:
-        claim_settings(cfg, run_uri, create=False)
-        wait_for_shards(run_uri, names, timeout_s)
-        result = cloud_sync.pull_dir(join(run_uri, "shards"), cfg.work, include=_source_filters(names))
+        run = claim(run_uri, {k: v for k, v in run_settings(cfg).items() if k != "model_spec"}, create=False)
+        model_key = str(run["model_key"])
+        wait_for_shards(run_uri, model_key, names, timeout_s)
+        from .workdir import Layout
+
+        result = cloud_sync.pull_dir(
+            join(run_uri, "shards"), Layout(cfg).work, include=shard_filters(model_key, names)
+        )
         log.info("pulled shards: %s", result.summary("pulled"))
-        adopt_settings(cfg, run_uri)
-    return pipeline.execute(cfg, fresh=fresh, merge=True, stop=stop)
+    else:
+        model_key = _local_model_key(cfg)
+    return pipeline.execute(cfg, fresh=fresh, mode="merge", model_key=model_key, stop=stop)
+
+
+def _local_model_key(cfg: DataConfig) -> str:
+    """Without a run folder, the work folder's only model key (the workers shared it)."""
+    from .workdir import Layout
+
+    keys = sorted(p.parent.name for p in Layout(cfg).emb_root.glob("*/model.json"))
+    if len(keys) != 1:
+        raise ConfigError(f"{Layout(cfg).emb_root}: expected the embeddings of one model, found {len(keys)}")
+    return keys[0]
 
 
 def main(
@@ -177,19 +194,12 @@ def main(
     task: tuple[int, int] | None,
     stop: threading.Event | None = None,
 ) -> int:
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.log_path, events_file=cfg.work / "events.jsonl")
+    setup_logging()
     try:
         if args.merge:
             return merge(cfg, args.run_uri, args.wait_timeout_s, args.fresh, stop)
         assert task is not None
-        return worker(cfg, args.run_uri, task, args.fresh, stop)
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return pipeline.EXIT_CONFIG
-    except pipeline.ResumeRefused as exc:
+        return worker(cfg, args.run_uri, task, args.fresh, args.follow, stop)
+    except (ConfigError, ResumeRefused, InputError) as exc:
         log.error("%s", exc)
-        return pipeline.EXIT_REFUSED
-    except pipeline.InputError as exc:
-        log.error("input error: %s", exc)
-        return pipeline.EXIT_INPUT
+        return exc.code

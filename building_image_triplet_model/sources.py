@@ -2,28 +2,35 @@
 
 A *source* is one dataset: an archive ``NNNN.tar`` (name ``NNNN``) or, for extracted input, one top-level
 subfolder (files lying directly in ``input_dir`` form the source ``_root``). Walking a source yields every
-member with a locator: for an archive the byte offset of its data, so an image is read later with one
-``pread`` and no scan; for a folder the path relative to the source.
+member with a locator (for an archive the byte offset of its data, so that an image is read later with one
+``pread``; for a folder the path relative to the source) and, for an image, the checksum of its bytes.
+
+Listing is strict, because a wrong input must never turn into an artifact with rows missing: a name that
+looks like an archive but is not a regular file, and an archive whose aria2c control file (``.aria2``) is
+still beside it (an unfinished download), are input errors naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import tar_reader
+from .errors import InputError
+
 ROOT_SOURCE = "_root"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 TXT_SUFFIX = ".txt"
+ARCHIVE_SUFFIX = ".tar"
+ARIA2_SUFFIX = ".aria2"
 MAX_TXT_BYTES = 64 * 1024  # a metadata file is ~150 bytes; anything far larger is not one
-
-
-class InputError(RuntimeError):
-    """The input cannot be used (missing folder, truncated archive, no valid pair): names the file."""
+# Source names become folder names in the work folder and object names in a bucket.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,8 @@ class Source:
     path: Path
 
     def signature(self) -> dict[str, int | str]:
-        """What says the source is unchanged: name, size and mtime (summed over files for a folder)."""
+        """What says the source is unchanged without reading it: name, size and mtime (summed over files
+        for a folder). The checksums in the index catch what this misses (see decode.py)."""
         if self.kind == "tar":
             st = self.path.stat()
             return {"name": self.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -53,6 +61,46 @@ class Member:
     offset: int  # byte offset of the data in the archive; -1 for a folder
     size: int
     data: bytes | None  # the text of a .txt member, else None
+    checksum: int | None = None  # tar_reader.checksum of an image's bytes; None when they cannot be read
+
+
+def _describe(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_archive_names(root: Path, entries: list[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
+    """The regular ``*.tar`` files of a folder; every suspicious name is an InputError naming it."""
+    problems = []
+    tars = []
+    names = {e.name for e in entries}
+    for e in entries:
+        if e.name.endswith(ARCHIVE_SUFFIX + ARIA2_SUFFIX):
+            tar_name = e.name[: -len(ARIA2_SUFFIX)]
+            what = "is still downloading" if tar_name in names else "has not arrived yet"
+            problems.append(f"{root / tar_name}: {what} (aria2c control file {e.name} beside it)")
+        elif e.name.endswith(ARCHIVE_SUFFIX):
+            try:
+                mode = os.stat(e.path).st_mode  # follows a symlink: a link to an archive is fine
+            except OSError as exc:
+                problems.append(f"{e.path}: cannot be read ({exc.strerror})")
+                continue
+            if not stat.S_ISREG(mode):
+                problems.append(f"{e.path}: looks like an archive but is {_describe(mode)}")
+            elif not _NAME.match(e.name[: -len(ARCHIVE_SUFFIX)]):
+                problems.append(f"{e.path}: archive names are letters, digits, '.', '_' and '-'")
+            else:
+                tars.append(e)
+    if problems:
+        raise InputError("; ".join(problems))
+    return tars
 
 
 def list_sources(input_dir: str | os.PathLike[str]) -> list[Source]:
@@ -61,11 +109,13 @@ def list_sources(input_dir: str | os.PathLike[str]) -> list[Source]:
     if not root.is_dir():
         raise InputError(f"{root}: input_dir does not exist or is not a folder")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    tars = [e for e in entries if e.name.endswith(".tar") and e.is_file()]
+    tars = _check_archive_names(root, entries)
     if tars:
-        return [Source(e.name[: -len(".tar")], "tar", Path(e.path)) for e in tars]
+        return [Source(e.name[: -len(ARCHIVE_SUFFIX)], "tar", Path(e.path)) for e in tars]
     sources = [
-        Source(e.name, "dir", Path(e.path)) for e in entries if e.is_dir() and not e.name.startswith(".")
+        Source(e.name, "dir", Path(e.path))
+        for e in entries
+        if e.is_dir() and not e.name.startswith(".") and _NAME.match(e.name)
     ]
     if any(e.is_file() and _kind(e.name) in ("jpg", "txt") for e in entries):
         sources.insert(0, Source(ROOT_SOURCE, "dir", root))
@@ -88,41 +138,32 @@ def stem_of(path: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
-def walk(source: Source) -> Iterator[Member]:
+def walk(source: Source, record_bytes: int = tar_reader.DEFAULT_RECORD_BYTES) -> Iterator[Member]:
     if source.kind == "tar":
-        yield from _walk_tar(source.path)
+        yield from _walk_tar(source.path, record_bytes)
     else:
         yield from _walk_dir(source)
 
 
-def _walk_tar(path: Path) -> Iterator[Member]:
-    size = path.stat().st_size
+def _walk_tar(path: Path, record_bytes: int) -> Iterator[Member]:
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                # tarfile keeps every TarInfo it has seen; an archive has ~10^6 members, so drop them.
-                tar.members.clear()
-                if info.isdir():
-                    continue
-                if info.offset_data + info.size > size:
-                    raise InputError(
-                        f"{path}: truncated archive: member {info.name} ends at byte "
-                        f"{info.offset_data + info.size}, the file has {size} bytes"
-                    )
-                if not info.isreg():
-                    yield Member(info.name, "irregular", info.offset_data, info.size, None)
-                    continue
-                kind = _kind(info.name)
-                data = None
-                if kind == "txt" and info.size <= MAX_TXT_BYTES:
-                    raw.seek(info.offset_data)
-                    data = raw.read(info.size)
-                yield Member(info.name, kind, info.offset_data, info.size, data)
-    except tarfile.TarError as exc:
-        raise InputError(f"{path}: unreadable archive: {exc}") from None
+        for m in tar_reader.walk(path, record_bytes):
+            if m.is_dir:
+                continue
+            if not m.is_regular:
+                yield Member(m.name, "irregular", m.offset, m.size, None)
+                continue
+            kind = _kind(m.name)
+            if kind == "jpg":
+                yield Member(m.name, kind, m.offset, m.size, None, tar_reader.checksum(m.data))
+            elif kind == "txt":
+                yield Member(m.name, kind, m.offset, m.size, m.data if m.size <= MAX_TXT_BYTES else None)
+            else:
+                yield Member(m.name, kind, m.offset, m.size, None)
+    except tar_reader.TarError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read: {exc}") from None
 
 
 def _walk_files(root: Path, top_only: bool = False) -> Iterator[os.DirEntry[str]]:
@@ -148,9 +189,12 @@ def _walk_dir(source: Source) -> Iterator[Member]:
             continue
         kind = _kind(entry.name)
         data = None
-        if kind == "txt" and st.st_size <= MAX_TXT_BYTES:
+        if kind == "jpg" or (kind == "txt" and st.st_size <= MAX_TXT_BYTES):
             try:
                 data = Path(entry.path).read_bytes()
             except OSError:
-                data = None  # reported as unreadable_txt by the index
-        yield Member(rel, kind, -1, st.st_size, data)
+                data = None  # reported as unreadable by the index
+        if kind == "jpg":
+            yield Member(rel, kind, -1, st.st_size, None, None if data is None else tar_reader.checksum(data))
+        else:
+            yield Member(rel, kind, -1, st.st_size, data if kind == "txt" else None)

@@ -1,50 +1,21 @@
 """Which archives a scale-out worker owns: a deterministic share of the manifest.
 
-    python -m building_image_triplet_model.work_split --manifest M --task-index 0 --task-count 3
+    python -m building_image_triplet_model.work_split --manifest M --task-index 0 --task-count 3 [--names]
 
-prints the manifest entries (URL and option lines) of task 0's archives, for download_archives.sh.
+prints the manifest entries (URI and option lines) of task 0's archives, or their names.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from pathlib import Path
 
-ARCHIVE = re.compile(r"(?:^|/)(\d+)\.tar$")
-
-
-def parse_manifest(text: str) -> list[tuple[str, list[str]]]:
-    """aria2c input-file entries: (URL line, its option lines)."""
-    entries: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0] in " \t":
-            if not entries:
-                raise ValueError(f"option line before any URL: {line.strip()!r}")
-            entries[-1][1].append(line)
-        else:
-            entries.append((line.strip(), []))
-    return entries
-
-
-def entry_archive(url: str, options: list[str]) -> str | None:
-    """The source name (NNNN) an entry downloads, or None for other files (the readmes)."""
-    for opt in options:
-        key, _, value = opt.strip().partition("=")
-        if key == "out":
-            m = ARCHIVE.search(value)
-            return m.group(1) if m else None
-    m = ARCHIVE.search(url)
-    return m.group(1) if m else None
+from . import manifest
 
 
 def manifest_sources(path: str | os.PathLike[str]) -> list[str]:
-    entries = parse_manifest(Path(path).read_text())
-    return sorted({name for url, opts in entries if (name := entry_archive(url, opts))})
+    return manifest.archives(path)
 
 
 def task_share(names: list[str], task_index: int, task_count: int) -> list[str]:
@@ -63,12 +34,17 @@ def task_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
     return None
 
 
+def share_entries(entries: list[manifest.Entry], task: tuple[int, int]) -> list[manifest.Entry]:
+    mine = set(task_share(sorted({a for e in entries if (a := e.archive)}), *task))
+    return [e for e in entries if e.archive in mine]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m building_image_triplet_model.work_split",
         description="Print the manifest entries of one scale-out task's archives.",
     )
-    ap.add_argument("--manifest", required=True, help="aria2c input file (URL lines with out= options)")
+    ap.add_argument("--manifest", required=True, help="aria2c input file (URI lines with out= options)")
     ap.add_argument("--task-index", type=int, help="this task (default: TASK_INDEX or BATCH_TASK_INDEX)")
     ap.add_argument(
         "--task-count", type=int, help="number of tasks (default: TASK_COUNT or BATCH_TASK_COUNT)"
@@ -78,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     task = (args.task_index, args.task_count) if args.task_index is not None else task_from_env()
     if task is None or task[1] is None:
         ap.error("give --task-index and --task-count (or set TASK_INDEX/TASK_COUNT)")
-    entries = parse_manifest(Path(args.manifest).read_text())
-    names = sorted({n for u, o in entries if (n := entry_archive(u, o))})
-    mine = set(task_share(names, *task))
-    for url, opts in entries:
-        name = entry_archive(url, opts)
-        if name in mine:
-            sys.stdout.write(f"{name}\n" if args.names else url + "\n" + "".join(o + "\n" for o in opts))
+    try:
+        mine = share_entries(manifest.load(args.manifest), task)
+    except (manifest.ManifestError, ValueError) as exc:
+        print(f"work_split: {exc}", file=sys.stderr)
+        return 2
+    if args.names:
+        sys.stdout.write("".join(f"{e.archive}\n" for e in mine))
+    else:
+        sys.stdout.write(manifest.render(mine) if mine else "")
     return 0
 
 

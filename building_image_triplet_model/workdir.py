@@ -1,161 +1,221 @@
-"""Durable files: atomic writes (temporary name, fsync, rename, fsync the folder), markers, the run lock.
+"""The run's home: every path of an output and its work folder, and what is done in it.
 
-Everything the processor keeps between runs is written through this module, so a kill at any instant
-leaves either the old file or the new one, never half of one. Temporary names end in ``.tmp`` and are
-never read; the cloud sync skips them.
+    out/dataset.h5                    the artifact (appears only when complete)
+    out/dataset.h5.partial            the artifact being assembled
+    out/dataset.rejects.tsv           every rejected item
+    out/dataset.stats.json            the run's counts; written last
+    out/dataset.log                   every run's log
+    out/dataset.work/                 the work folder (what checkpoints carry)
+      lock, run.json, progress.json, events.jsonl
+      index/<source>.npz|.json        a source's index shard, and its marker written after it
+      metadata_cache_complete.npz     every source's index merged
+      plan.npz, plan.json             the selected rows and targets, and the key they were made for
+      knn/<knn key>/<split>/...       KNN rows in chunks; <split>/_SUCCESS.json when complete
+      emb/<model key>/model.json      what the model key stands for
+      emb/<model key>/<source>-<content key>/   an archive's embeddings (emb_store.py)
+      assemble.json                   how far the copy into the artifact got
+      corrupt/                        committed files that did not read back, moved aside
+
+Keys are digests (identity.py) of exactly what determines a folder's contents, so a changed setting finds
+a different folder instead of mixing with the old one. Every committed file is immutable, written through
+durable.py, with a commit marker (_SUCCESS.json, written by :func:`commit`) last.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
-import io
-import json
+import logging
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+import shutil
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
+from . import durable, faults
+from .config import DataConfig
+from .errors import LockedError
 
-from . import faults
+log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
 SUCCESS = "_SUCCESS.json"
+CACHE_NAME = "metadata_cache_complete.npz"
+INDEX_VERSION = 2  # 2: image checksums; a shard of another version is indexed again
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+class Layout:
+    """The paths of one run (an output and its work folder)."""
 
+    def __init__(self, cfg: DataConfig) -> None:
+        self.output = Path(cfg.hdf5_path)
+        self.work = Path(cfg.work_dir) if cfg.work_dir else self.output.with_name(self.output.stem + ".work")
 
-# mkstemp creates 0600 files; finished files get the mode a plain open() would give them.
-FILE_MODE = 0o666 & ~_umask()
+    def _beside(self, suffix: str) -> Path:
+        return self.output.with_name(self.output.stem + suffix)
 
+    # beside the output
+    @property
+    def partial(self) -> Path:
+        return self.output.with_name(self.output.name + ".partial")
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    @property
+    def rejects(self) -> Path:
+        return self._beside(".rejects.tsv")
 
+    @property
+    def stats(self) -> Path:
+        return self._beside(".stats.json")
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        faults.point(f"write:{path.name}")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    @property
+    def log(self) -> Path:
+        return self._beside(".log")
 
+    # the work folder
+    @property
+    def lock(self) -> Path:
+        return self.work / "lock"
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
+    @property
+    def run_json(self) -> Path:
+        return self.work / "run.json"
 
+    @property
+    def progress_json(self) -> Path:
+        return self.work / "progress.json"
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+    @property
+    def events(self) -> Path:
+        return self.work / "events.jsonl"
 
+    @property
+    def index_dir(self) -> Path:
+        return self.work / "index"
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+    def shard(self, source: str) -> Path:
+        return self.index_dir / f"{source}.npz"
 
+    def shard_marker(self, source: str) -> Path:
+        return self.index_dir / f"{source}.json"
 
-def read_json(path: str | os.PathLike[str]) -> Any | None:
-    """The JSON in ``path``, or None when the file does not exist."""
-    try:
-        with open(path, "rb") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
+    def shard_rejects(self, source: str) -> Path:
+        return self.index_dir / f"{source}.rejects.tsv"
 
+    @property
+    def cache(self) -> Path:
+        return self.work / CACHE_NAME
 
-def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed npz, written atomically. Object arrays are refused (they would need pickle)."""
-    for key, arr in arrays.items():
-        if np.asarray(arr).dtype.hasobject:
-            raise TypeError(f"{path}: array {key} has dtype object; only plain arrays are stored")
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
+    @property
+    def plan(self) -> Path:
+        return self.work / "plan.npz"
 
+    @property
+    def plan_json(self) -> Path:
+        return self.work / "plan.json"
 
-def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Load every array of an npz file. Never unpickles: files may come back from a bucket."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    @property
+    def knn_root(self) -> Path:
+        return self.work / "knn"
 
+    def knn_split(self, knn_key: str, split: str) -> Path:
+        return self.knn_root / knn_key / split
 
-class LazyNpz(Mapping[str, np.ndarray]):
-    """An npz file whose arrays are read on first use: a resumed run reads only the columns it needs."""
+    @property
+    def emb_root(self) -> Path:
+        return self.work / "emb"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._npz = np.load(path, allow_pickle=False)
-        self._loaded: dict[str, np.ndarray] = {}
+    def model_dir(self, model_key: str) -> Path:
+        return self.emb_root / model_key
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._loaded:
-            self._loaded[key] = self._npz[key]
-        return self._loaded[key]
+    def model_json(self, model_key: str) -> Path:
+        return self.model_dir(model_key) / "model.json"
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._npz.files)
+    def store_dir(self, model_key: str, source: str, content_key: str) -> Path:
+        return self.model_dir(model_key) / f"{source}-{content_key}"
 
-    def __len__(self) -> int:
-        return len(self._npz.files)
+    @property
+    def assemble_json(self) -> Path:
+        return self.work / "assemble.json"
+
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.work / "corrupt"
+
+    # ------------------------------------------------------------------------------ what is done
+    def index_marker(self, name: str, signature: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The marker of a source's shard when the shard is complete and still describes the source
+        (``signature``: the source's now; None when the archive is not here, as in a merge)."""
+        marker = durable.read_json(self.shard_marker(name))
+        if not marker or marker.get("version") != INDEX_VERSION or not self.shard(name).exists():
+            return None
+        if marker.get("stale") or (signature is not None and marker.get("signature") != signature):
+            return None
+        return marker
+
+    def knn_rows_done(self, knn_key: str, split: str, n: int) -> int:
+        folder = self.knn_split(knn_key, split)
+        if (folder / SUCCESS).exists():
+            return n
+        return sum(min(b, n) - a for a, b in ranges_done(folder))
+
+    def assemble_progress(self, run_key: str) -> dict[str, Any]:
+        """The copy's durable progress for this run, or {} (another run's progress starts over)."""
+        marker = durable.read_json(self.assemble_json) or {}
+        if marker.get("run_key") != run_key or not self.partial.exists():
+            return {}
+        return marker
+
+    def is_complete(self, run_key: str) -> bool:
+        """The artifact exists and its stats file (written last) says it was made for this run."""
+        stats = durable.read_json(self.stats) or {}
+        return self.output.exists() and stats.get("run_key") == run_key
+
+    # ------------------------------------------------------------------------------ maintenance
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move a committed file that did not read back out of the way (kept for a look, never read)."""
+        try:
+            rel = path.relative_to(self.work)
+        except ValueError:
+            rel = Path(path.name)
+        target = self.corrupt_dir / f"{rel.as_posix().replace('/', '__')}.{time.strftime('%Y%m%dT%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.replace(path, target)
+            durable.fsync_dir(path.parent)
+        log.warning("%s is corrupt (%s): moved to %s; it is computed again", path, reason, target)
+        return target
+
+    def remove_stale_keys(self, folder: Path, keep: str) -> None:
+        """Delete the other keys' folders under ``folder`` (cheap steps: another key is recomputed)."""
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.name != keep and child.is_dir():
+                    shutil.rmtree(child)
 
 
 def range_name(start: int, stop: int) -> str:
-    """The file of rows [start, stop) of a chunked step (KNN rows, embeddings)."""
+    """The file of rows [start, stop) of a chunked step."""
     return f"{start:010d}-{stop:010d}.npz"
 
 
-def done_ranges(folder: Path) -> list[tuple[int, int]]:
+def ranges_done(folder: Path) -> list[tuple[int, int]]:
     """The (start, stop) of every completed chunk file in folder, sorted."""
     out = []
     if folder.is_dir():
         for path in folder.glob("*-*.npz"):
-            a, b = path.stem.split("-")
-            out.append((int(a), int(b)))
+            a, _, b = path.stem.partition("-")
+            if a.isdigit() and b.isdigit():
+                out.append((int(a), int(b)))
     return sorted(out)
 
 
-def remove_tmp_files(root: Path) -> int:
-    """Delete leftovers of writes that a kill interrupted."""
-    n = 0
-    if root.is_dir():
-        for path in root.rglob(f"*{TMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                n += 1
-    return n
+def commit(folder: Path, marker: dict[str, Any]) -> None:
+    """Write a folder's commit marker: the last file of a unit of work (every reader trusts it)."""
+    durable.write_json(folder / SUCCESS, marker)
+    faults.point(f"commit:{folder.name}")
 
 
-class LockedError(RuntimeError):
-    pass
+def committed(folder: Path) -> dict[str, Any] | None:
+    return durable.read_json(folder / SUCCESS)
 
 
 class RunLock:
@@ -170,7 +230,7 @@ class RunLock:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -186,15 +246,27 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        return self
 
-    def release(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+def lock_holder(path: Path) -> int | None:
+    """The pid of the processor holding the lock at ``path``, or None. Creates nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        raise
+    finally:
+        os.close(fd)
+    return None

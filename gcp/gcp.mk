@@ -6,20 +6,20 @@ GCP_RAW_DIR ?= build/raw
 GCP_EXTRACT_DIR ?= build/extracted
 GCP_CONFIG ?= configs/demo.yaml
 
-# The local dry run: sample archives -> download (file:// manifest) -> extract -> preprocess -> status,
-# checkpoints synced to a local folder standing in for the bucket. Everything lives under DRY_RUN_DIR.
+# The local dry run: sample archives served over HTTP on 127.0.0.1 -> aria2c downloads them one at a time
+# while the engine embeds each archive as it arrives -> plan, KNN, artifact -> status; checkpoints go to a
+# local folder standing in for the bucket. Everything lives under DRY_RUN_DIR.
 DRY_RUN_DIR ?= build/dry-run
 DRY_RUN_CONFIG ?= configs/demo.yaml
 DRY_RUN_ARCHIVES ?= build/sample_archives
-DRY_RUN_MANIFEST ?= data/downloads/raw_archives_sample.txt
+DRY_RUN_RATE ?= 1000000
 DRY_RUN_PYTHON ?= $(CURDIR)/.venv/bin/python
 DRY_RUN_ENV = TRIPLET_SKIP_SYSTEM=1 TRIPLET_SKIP_DISKS=1 TRIPLET_SKIP_REPO=1 TRIPLET_SKIP_UV_SYNC=1 \
 	TRIPLET_METADATA=off TRIPLET_RUN_MODE=direct TRIPLET_REPO_DIR=$(CURDIR) TRIPLET_PYTHON=$(DRY_RUN_PYTHON) \
 	TRIPLET_MOUNT_RAW=$(CURDIR)/$(DRY_RUN_DIR)/raw TRIPLET_MOUNT_WORK=$(CURDIR)/$(DRY_RUN_DIR)/work \
 	TRIPLET_RUN_DIR=$(CURDIR)/$(DRY_RUN_DIR)/run TRIPLET_RUN_ID=dry-run \
-	TRIPLET_CHECKPOINT_URI=$(CURDIR)/$(DRY_RUN_DIR)/bucket TRIPLET_MANIFEST_URI=$(DRY_RUN_MANIFEST) \
-	TRIPLET_EXTRACT_ARCHIVES=true TRIPLET_PREPROCESS_CONFIG_PATH=$(DRY_RUN_CONFIG) \
-	TRIPLET_CHECKPOINT_INTERVAL_S=10
+	TRIPLET_CHECKPOINT_URI=$(CURDIR)/$(DRY_RUN_DIR)/bucket TRIPLET_MANIFEST_URI=$(CURDIR)/$(DRY_RUN_DIR)/manifest.txt \
+	TRIPLET_PREPROCESS_CONFIG_PATH=$(DRY_RUN_CONFIG) TRIPLET_PUSH_INTERVAL_S=10 TRIPLET_ARIA2_JOBS=1
 
 .PHONY: gcp-download gcp-extract gcp-preprocess dry-run dry-run-status dry-run-clean
 
@@ -36,10 +36,17 @@ gcp-preprocess: setup ## run the processor on GCP_CONFIG, then print its status 
 $(DRY_RUN_ARCHIVES)/0009.tar:
 	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3 --bad
 
-dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives, bucket = build/dry-run/bucket
-	@command -v aria2c >/dev/null 2>&1 || echo "note: aria2c is not installed (make sys-deps); the sample manifest needs none"
-	@echo "dry run: disks, bucket and logs under $(DRY_RUN_DIR)/ (TRIPLET_* settings: see DRY_RUN_ENV in gcp/gcp.mk)"
-	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh
+dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives (aria2c from 127.0.0.1)
+	@command -v aria2c >/dev/null 2>&1 || { echo "aria2c is not installed: make sys-deps"; exit 1; }
+	@mkdir -p $(DRY_RUN_DIR) && rm -f $(DRY_RUN_DIR)/server.url
+	@echo "dry run: disks, bucket and logs under $(DRY_RUN_DIR)/ (TRIPLET_* settings: DRY_RUN_ENV in gcp/gcp.mk)"
+	@$(RUN) python -m building_image_triplet_model.vm.fileserver --root $(DRY_RUN_ARCHIVES) \
+		--port-file $(DRY_RUN_DIR)/server.url --rate $(DRY_RUN_RATE) & server=$$!; trap 'kill $$server' EXIT; \
+	for _ in $$(seq 100); do [[ -s $(DRY_RUN_DIR)/server.url ]] && break; sleep 0.1; done; \
+	url=$$(cat $(DRY_RUN_DIR)/server.url); \
+	for f in $(DRY_RUN_ARCHIVES)/*.tar; do n=$$(basename $$f); printf '%s/%s\n\tout=dataset_unaligned/%s\n' "$$url" "$$n" "$$n"; \
+	done > $(DRY_RUN_DIR)/manifest.txt; \
+	$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh
 	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status
 
 dry-run-status: ## the dry run's phase markers and the engine's status report

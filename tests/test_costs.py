@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import re
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,63 @@ def test_update_doc_rewrites_only_the_block(tmp_path: Path) -> None:
     assert costs.update_doc(str(doc)) is False
     doc.write_text("no block\n")
     assert costs.main(["--update-doc", str(doc)]) == 2
+
+
+def _other_value(action: argparse.Action) -> object:
+    """A value for an option that differs from its default (and that Inputs accepts)."""
+    if action.choices:
+        return next(c for c in action.choices if c != action.default)
+    assert action.type in (int, float), f"{action.option_strings}: pick a test value for {action.type}"
+    return action.default + 1
+
+
+def _flat(inp: Inputs) -> dict[str, object]:
+    """The fields of inp, a tuple's elements as ``name[i]``: an option may set one element."""
+    out: dict[str, object] = {}
+    for name, value in asdict(inp).items():
+        if isinstance(value, tuple):
+            out.update({f"{name}[{i}]": x for i, x in enumerate(value)})
+        else:
+            out[name] = value
+    return out
+
+
+def test_every_input_is_defined_once_and_the_command_line_sets_it() -> None:
+    """Each option the parser has for an input sets exactly one Inputs field (or one element of a tuple), the
+    one it is named after; every field either has options (generated from its definition) or declares none."""
+    parser = costs._parser()
+    outputs = {"help", "json", "markdown", "prices", "update_doc"}
+    target: dict[str, str] = {}  # option -> the field (or tuple element) it sets
+    switches: dict[str, object] = {}  # switch -> the value it sets
+    for action in parser._actions:
+        if action.dest in outputs:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: start from the opposite value so that it has something to change
+            parser.set_defaults(**{action.dest: not action.const})
+            argv, value = [flag], action.const
+            switches[flag] = value
+        else:
+            value = _other_value(action)
+            argv = [flag, str(value)]
+        before = _flat(costs._inputs_from(parser.parse_args([])))
+        after = _flat(costs._inputs_from(parser.parse_args(argv)))
+        parser.set_defaults(**{action.dest: action.default})
+        changed = {key: x for key, x in after.items() if x != before[key]}
+        assert list(changed.values()) == [value], (flag, value, changed)
+        target[flag] = next(iter(changed))
+    for f in fields(Inputs):
+        assert "help" in f.metadata, f"{f.name}: define it with costs._input (default, help, options)"
+        has_options = any(t.partition("[")[0] == f.name for t in target.values())
+        assert has_options == f.metadata.get("cli", True), f.name
+    # The options not named after their fields: their names are older than the fields'.
+    renamed = {flag: t for flag, t in target.items() if flag != "--" + t.replace("_", "-")}
+    assert renamed == {
+        "--on-demand": "spot",
+        "--preemption-rate-per-day": "preemptions_per_day",
+        "--no-raw-mirror": "mirror_raw",
+        "--raw-nearline-days": "raw_lifecycle_days[0]",
+        "--raw-coldline-days": "raw_lifecycle_days[1]",
+        "--raw-delete-days": "raw_lifecycle_days[2]",
+    }
+    assert switches == {"--spot": True, "--on-demand": False, "--no-raw-mirror": False}

@@ -8,9 +8,10 @@
 #   EXTRACT_DIR/NNNN/ when complete, and only then marked done (EXTRACT_DIR/.triplet-extract/NNNN.json,
 #   with the archive's size and mtime). An interrupted extraction is redone from scratch, never skipped:
 #   a leftover .partial folder, or an NNNN/ folder without its marker, is removed first.
-# - Before anything is written, every member is checked: absolute names, '..', links pointing outside,
-#   members reached through a link, and device/fifo members make the whole archive refused (nothing of it
-#   is extracted). GNU tar then extracts with --no-same-owner --no-same-permissions.
+# - Before anything is written, every member is checked (building_image_triplet_model/vm/extract_check.py):
+#   absolute names, '..', links pointing outside, members reached through a link, device/fifo members and
+#   a truncated archive make the whole archive refused (nothing of it is extracted). GNU tar then extracts
+#   with --no-same-owner --no-same-permissions.
 # - A full disk (or any tar error) fails the archive without marking it done, and the phase fails.
 # - --skip (or TRIPLET_SKIP_EXTRACT=1): do nothing, because the engine reads the archives in place.
 # - An archive with an aria2c control file beside it is an unfinished download: it is not extracted.
@@ -38,15 +39,11 @@ while (($#)); do
   esac
 done
 
-write_summary() {
-  [[ -n "$SUMMARY_JSON" ]] || return 0
-  rm -f "$SUMMARY_JSON"
-  marker_update "$SUMMARY_JSON" "$@"
-}
+write_summary() { [[ -z "$SUMMARY_JSON" ]] || vm vm.extract_check summary "$SUMMARY_JSON" "$@"; }
 
 if [[ "$SKIP" == 1 ]]; then
   log "extraction skipped (the engine reads the archives in place)"
-  write_summary skipped_phase:=true archives:=0 extracted:=0 skipped:=0 failed:=0 files_written:=0
+  write_summary skipped_phase=true archives=0 extracted=0 skipped=0 failed=0 files_written=0
   exit 0
 fi
 [[ -n "$RAW_DIR" && -n "$EXTRACT_DIR" ]] || { usage >&2; exit 2; }
@@ -59,14 +56,7 @@ mkdir -p "$META"
 mapfile -t ARCHIVES < <(find "$RAW_DIR" -maxdepth 2 -type f -name '*.tar' ! -path '*/.triplet-*' | sort)
 
 # done_ok ARCHIVE ID: marker present, folder present, archive unchanged since.
-done_ok() {
-  local archive="$1" id="$2" size mtime
-  [[ -f "$META/$id.json" && -d "$EXTRACT_DIR/$id" ]] || return 1
-  size="$(stat -c %s "$archive")"
-  mtime="$(stat -c %Y "$archive")"
-  [[ "$(marker_get "$META/$id.json" archive_size "")" == "$size" &&
-    "$(marker_get "$META/$id.json" archive_mtime "")" == "$mtime" ]]
-}
+done_ok() { vm vm.extract_check is-done "$EXTRACT_DIR" "$2" "$1"; }
 
 if ((VERIFY_ONLY)); then
   bad=0
@@ -112,7 +102,7 @@ for archive in "${ARCHIVES[@]}"; do
   # Whatever is there without a valid marker is an interrupted (or stale) extraction: redo it.
   rm -f "$META/$id.json"
   rm -rf -- "$partial" "$final"
-  if ! counts="$(helper tar-validate "$archive" 2> >(stamp_lines))"; then
+  if ! counts="$(vm vm.extract_check check "$archive" 2> >(stamp_lines))"; then
     warn "$archive: refused (unsafe members, see above); nothing extracted"
     failed=$((failed + 1)) failures+=("$archive: refused")
     continue
@@ -133,16 +123,15 @@ for archive in "${ARCHIVES[@]}"; do
   sync -f "$partial" 2>/dev/null || sync
   mv -T -- "$partial" "$final"
   sync -f "$EXTRACT_DIR" 2>/dev/null || true
-  marker_update "$META/$id.json" archive="$archive" archive_size:="$(stat -c %s "$archive")" \
-    archive_mtime:="$(stat -c %Y "$archive")" files:="$n_files" status=done extracted_at="$(utc_now)"
+  vm vm.extract_check mark "$EXTRACT_DIR" "$id" "$archive" "$n_files"
   CURRENT_PARTIAL=""
   extracted=$((extracted + 1))
   files_written=$((files_written + n_files))
 done
 
 log "extract summary: archives=${#ARCHIVES[@]} extracted=${extracted} skipped=${skipped} failed=${failed} files_written=${files_written}"
-write_summary archives:="${#ARCHIVES[@]}" extracted:="$extracted" skipped:="$skipped" failed:="$failed" \
-  files_written:="$files_written"
+write_summary archives="${#ARCHIVES[@]}" extracted="$extracted" skipped="$skipped" failed="$failed" \
+  files_written="$files_written"
 if ((failed > 0)); then
   for f in "${failures[@]}"; do log "failed: $f"; done
   die "extraction failed for ${failed} of ${#ARCHIVES[@]} archives"

@@ -3,17 +3,31 @@ a real Cloud Storage emulator (fake-gcs-server) through google-cloud-storage."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from gcp_helpers import REPO, Emulator
 
 from building_image_triplet_model import cloud_sync
-from building_image_triplet_model.cloud_sync import CloudSyncError, crc32c_of_file, pull_dir, push_dir
+from building_image_triplet_model.cloud_sync import (
+    ChecksumMismatchError,
+    CloudSyncError,
+    crc32c_of_file,
+    locations,
+    pull_dir,
+    push_dir,
+    sync,
+)
 
 
 def make_tree(root: Path) -> None:
@@ -112,14 +126,14 @@ def test_include_filters_and_prefix_listing(tmp_path: Path, location: str) -> No
 def test_no_marker_when_a_data_file_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     make_tree(src)
-    real = cloud_sync._upload_local_file
+    real = sync._upload_local_file
 
     def flaky(store, lf, key, if_generation_match=None):  # type: ignore[no-untyped-def]
         if lf.rel == "index/0003.npz":
             raise OSError("network down")
         return real(store, lf, key, if_generation_match)
 
-    monkeypatch.setattr(cloud_sync, "_upload_local_file", flaky)
+    monkeypatch.setattr(sync, "_upload_local_file", flaky)
     dest = tmp_path / "bucket"
     with pytest.raises(CloudSyncError, match="no marker sent"):
         push_dir(src, str(dest))
@@ -133,7 +147,7 @@ def test_markers_are_read_before_the_data_is_listed(tmp_path: Path, monkeypatch:
     there when the push started, so it never describes data the push did not send."""
     src = tmp_path / "src"
     make_tree(src)
-    real = cloud_sync._upload_local_file
+    real = sync._upload_local_file
 
     def writer_runs_meanwhile(store, lf, key, if_generation_match=None):  # type: ignore[no-untyped-def]
         if lf.rel == "emb/0003/0-100.npz":
@@ -141,11 +155,11 @@ def test_markers_are_read_before_the_data_is_listed(tmp_path: Path, monkeypatch:
             (src / "emb" / "0003" / "_SUCCESS.json").write_text('{"rows": 200}')
         return real(store, lf, key, if_generation_match)
 
-    monkeypatch.setattr(cloud_sync, "_upload_local_file", writer_runs_meanwhile)
+    monkeypatch.setattr(sync, "_upload_local_file", writer_runs_meanwhile)
     dest = tmp_path / "bucket"
     push_dir(src, str(dest), jobs=1)
     assert json.loads((dest / "emb" / "0003" / "_SUCCESS.json").read_text()) == {"rows": 100}
-    monkeypatch.setattr(cloud_sync, "_upload_local_file", real)
+    monkeypatch.setattr(sync, "_upload_local_file", real)
     assert set(push_dir(src, str(dest)).transferred) == {"emb/0003/100-200.npz", "emb/0003/_SUCCESS.json"}
 
 
@@ -243,3 +257,174 @@ def test_import_is_light() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
     assert "torch" not in imported
     assert not any(m.startswith("google.cloud") for m in imported)
+
+
+# ------------------------------------------------------------------------------ retries and checksums
+class FaultyProxy:
+    """An HTTP proxy in front of the emulator that fails or damages requests, as a bad network would."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.fail_uploads = 0  # answer this many upload requests with 503 (without forwarding them)
+        self.corrupt_chunks = False  # flip the last byte of every resumable-upload chunk on its way
+        self.uploads: list[int] = []  # the status of every upload request, in order
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, data = proxy.forward(self.command, self.path, dict(self.headers), body)
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, list, bytes]:
+        upload = path.startswith("/upload/")
+        with self._lock:
+            fail = upload and self.fail_uploads > 0
+            self.fail_uploads -= fail
+            if fail:
+                self.uploads.append(503)
+        if fail:
+            return (
+                503,
+                [("Content-Type", "application/json")],
+                b'{"error": {"code": 503, "message": "injected"}}',
+            )
+        if upload and method == "PUT" and self.corrupt_chunks and body:
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        hop = {"host", "content-length", "connection", "keep-alive", "transfer-encoding"}
+        up = urllib.parse.urlsplit(self.upstream)
+        conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=60)
+        try:
+            conn.request(
+                method, path, body=body, headers={k: v for k, v in headers.items() if k.lower() not in hop}
+            )
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if upload:
+            with self._lock:
+                self.uploads.append(resp.status)
+        # Resumable uploads continue at the Location the emulator names: keep them coming through here.
+        out = [(k, v.replace(self.upstream, self.url) if k.lower() == "location" else v)
+               for k, v in resp.getheaders() if k.lower() not in hop]  # fmt: skip
+        return resp.status, out, data
+
+
+@pytest.fixture
+def faulty(gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FaultyProxy, str]]:
+    """A fresh bucket, and gs:// calls going through a FaultyProxy (healthy until a test says otherwise)."""
+    bucket = gcs_emulator.new_bucket()  # first: the emulator helper points the environment at the emulator
+    proxy = FaultyProxy(gcs_emulator.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    yield proxy, bucket
+    proxy.server.shutdown()
+    proxy.server.server_close()
+
+
+def test_transient_upload_failures_are_retried_by_the_library(
+    tmp_path: Path, faulty: tuple[FaultyProxy, str]
+) -> None:
+    proxy, bucket = faulty
+    f = tmp_path / "a.bin"
+    f.write_bytes(os.urandom(50_000))
+    proxy.fail_uploads = 2
+    info = cloud_sync.upload_file(f, f"gs://{bucket}/a.bin")
+    assert proxy.uploads == [503, 503, 200], "each failure is retried once, by one policy"
+    assert info.crc32c == crc32c_of_file(f)
+    # A create-only write is idempotent, so DEFAULT_RETRY retries it too; a refused precondition is an answer.
+    proxy.uploads.clear()
+    proxy.fail_uploads = 1
+    cloud_sync.write_text(f"gs://{bucket}/claim.json", '{"owner": 1}', if_generation_match=0)
+    assert proxy.uploads == [503, 200]
+    proxy.uploads.clear()
+    with pytest.raises(FileExistsError):
+        cloud_sync.write_text(f"gs://{bucket}/claim.json", '{"owner": 2}', if_generation_match=0)
+    assert proxy.uploads == [412]
+    assert json.loads(cloud_sync.read_text(f"gs://{bucket}/claim.json")) == {"owner": 1}
+
+
+def test_an_upload_that_keeps_failing_is_given_up_by_the_library_policy_alone(
+    tmp_path: Path, faulty: tuple[FaultyProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the library's policy gives up, nothing retries on top of it: the push fails at once, and no
+    marker is sent."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    proxy, bucket = faulty
+    policy = DEFAULT_RETRY.with_delay(initial=0.05, maximum=0.1).with_timeout(1.0)
+    monkeypatch.setattr(locations, "_retry", lambda: policy)
+    src = tmp_path / "src"
+    make_tree(src)
+    data = sorted(k for k in SENT if not k.endswith(".json"))
+    proxy.fail_uploads = 10**9
+    start = time.monotonic()
+    with pytest.raises(CloudSyncError, match="no marker sent") as err:
+        push_dir(src, f"gs://{bucket}/p", jobs=1)
+    elapsed = time.monotonic() - start
+    assert err.value.result is not None
+    assert sorted(r for r, _ in err.value.result.failed) == data
+    assert elapsed < len(data) * 1.0 + 3, f"{elapsed:.1f}s: something retried after the policy gave up"
+    assert set(proxy.uploads) == {503}
+    proxy.fail_uploads = 0
+    assert cloud_sync.list_objects(f"gs://{bucket}/p") == []
+
+
+def test_a_corrupted_download_is_refused(tmp_path: Path, gcs_emulator: Emulator) -> None:
+    """The bucket serves bytes that do not match the object's CRC32C: the library's check refuses them, the
+    target is never written, and a pull fetches no marker."""
+    bucket = gcs_emulator.new_bucket()
+    src = tmp_path / "src"
+    make_tree(src)
+    push_dir(src, f"gs://{bucket}/p")
+    stored = gcs_emulator.root / "data" / bucket / "p" / "index" / "0003.npz"  # the emulator's own copy
+    with open(stored, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    one = tmp_path / "one"
+    with pytest.raises(ChecksumMismatchError):
+        cloud_sync.download_file(f"gs://{bucket}/p/index/0003.npz", one / "0003.npz")
+    assert tree(one) == {}, "neither the file nor a temporary one is left behind"
+    back = tmp_path / "back"
+    with pytest.raises(CloudSyncError, match="markers not fetched") as err:
+        pull_dir(f"gs://{bucket}/p", back)
+    assert err.value.result is not None
+    assert [(r, e.split(":")[0]) for r, e in err.value.result.failed] == [
+        ("index/0003.npz", "ChecksumMismatchError")
+    ]
+    assert set(tree(back)) == {"emb/0003/0-100.npz", "events.jsonl"}
+
+
+def test_a_corrupted_upload_is_refused_and_removed(tmp_path: Path, faulty: tuple[FaultyProxy, str]) -> None:
+    """Bytes damaged on their way up: the library compares its CRC32C with the server's, deletes the object
+    and raises. (A resumable upload, over 8 MiB: on small uploads the server checks the CRC32C the library
+    sends, which real Cloud Storage does and the emulator does not.)"""
+    proxy, bucket = faulty
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(9 * 1024 * 1024))
+    proxy.corrupt_chunks = True
+    with pytest.raises(ChecksumMismatchError):
+        cloud_sync.upload_file(f, f"gs://{bucket}/big.bin")
+    assert cloud_sync.stat(f"gs://{bucket}/big.bin") is None
+    proxy.corrupt_chunks = False
+    assert cloud_sync.upload_file(f, f"gs://{bucket}/big.bin").crc32c == crc32c_of_file(f)

@@ -1,0 +1,456 @@
+"""The steps of a run, each a function of the one RunContext: sources -> index -> plan -> KNN -> embeddings
+-> artifact. Each step starts from what is on disk and does only what is missing (pipeline.py orders them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import assemble, durable, embed, geo_knn, identity, index, machine, plan, records
+from .context import RunContext
+from .decode import ImageReader
+from .emb_store import EmbeddingStore
+from .errors import InputError, Interrupted
+from .progress import utc_now
+from .sources import Source, list_sources
+from .work_split import manifest_sources, task_share
+
+log = logging.getLogger(__name__)
+
+FOLLOW_POLL_S = 2.0
+
+
+# ------------------------------------------------------------------------------------------- sources
+def present_sources(ctx: RunContext) -> dict[str, Source]:
+    """The run's archives that are in input_dir now (in follow mode a missing folder is just early)."""
+    try:
+        found = list_sources(ctx.cfg.input_dir)
+    except InputError:
+        if ctx.follow and not os.path.exists(ctx.cfg.input_dir):
+            return {}
+        raise
+    return {s.name: s for s in found}
+
+
+def resolve_sources(ctx: RunContext) -> None:
+    """ctx.names (every archive of the run, or of this worker's share) and ctx.sources (those here)."""
+    cfg = ctx.cfg
+    expected = manifest_sources(cfg.manifest) if cfg.manifest else None
+    if ctx.mode == "merge":
+        ctx.names, ctx.sources = list(expected or []), {}
+        return
+    present = present_sources(ctx) if not ctx.follow else {}
+    names = expected if expected is not None else sorted(present)
+    if ctx.task:
+        names = task_share(names, *ctx.task)
+    ctx.names = list(names)
+    if not ctx.follow:
+        ctx.sources = {n: present[n] for n in ctx.names if n in present}
+
+
+def arrivals(ctx: RunContext, timeout_s: float = 0) -> Iterator[list[Source]]:
+    """Follow mode: the run's archives in groups, as they appear in input_dir (a downloader moves each
+    one there when it is complete); ends when all are here. Stops with Interrupted on a stop request."""
+    waiting = set(ctx.names)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    announced = False
+    while waiting:
+        here = present_sources(ctx)
+        new = sorted(waiting & here.keys())
+        if new:
+            waiting -= set(new)
+            ctx.sources.update({n: here[n] for n in new})
+            yield [here[n] for n in new]
+            continue
+        if not announced:
+            log.info("waiting for %d archives to arrive in %s", len(waiting), ctx.cfg.input_dir)
+            announced = True
+        if deadline is not None and time.monotonic() > deadline:
+            late = " ".join(sorted(waiting)[:20])
+            raise InputError(f"{ctx.cfg.input_dir}: {len(waiting)} archives never arrived: {late}")
+        if ctx.stop.wait(FOLLOW_POLL_S):
+            raise Interrupted
+
+
+# --------------------------------------------------------------------------------------------- index
+def index_sources(ctx: RunContext, sources: list[Source]) -> None:
+    """Index what has no valid shard yet (in parallel processes); the markers go to ctx.markers."""
+    cfg, layout = ctx.cfg, ctx.layout
+    total = sum(s.path.stat().st_size if s.kind == "tar" else 0 for s in sources)
+    ctx.progress.start("index", total=total, unit="bytes")
+
+    def done(marker: dict[str, Any]) -> None:
+        ctx.progress.advance("index", int(marker["signature"].get("size", 0)), archives=1)
+
+    markers = index.index_all(
+        sources, layout, machine.index_workers(cfg), cfg.tar_record_bytes, ctx.stop, done
+    )
+    if ctx.stop.is_set():
+        raise Interrupted
+    ctx.markers.update(markers)
+    ctx.progress.finish("index")
+
+
+def indexed_without_source(ctx: RunContext) -> None:
+    """Archives of the run that are not here (a merge, an archive deleted after its run): their shards
+    stand in for them, or the run cannot go on."""
+    for name in ctx.names:
+        if name in ctx.markers:
+            continue
+        marker = ctx.layout.index_marker(name, None)
+        if marker is None:
+            raise InputError(
+                f"archive {name}: not in {ctx.cfg.input_dir} and not indexed in {ctx.layout.work}"
+            )
+        ctx.markers[name] = marker
+
+
+def merge_index(ctx: RunContext) -> None:
+    index.merge_cache(ctx.layout, ctx.names, ctx.markers)
+    ctx.cache = index.load_cache(ctx.layout)
+    sync_uri = os.environ.get("METADATA_CACHE_SYNC_URI")
+    if sync_uri and ctx.mode == "single":
+        index.upload_cache(ctx.layout, sync_uri)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def make_plan(ctx: RunContext) -> None:
+    inputs = identity.inputs_key([(n, ctx.markers[n]["digest"]) for n in ctx.names])
+    ctx.plan_key = identity.plan_key(ctx.cfg, inputs)
+    layout = ctx.layout
+    recorded = durable.read_json(layout.plan_json) or {}
+    if recorded.get("key") == ctx.plan_key and layout.plan.exists():
+        ctx.plan = durable.read_npz(layout.plan)
+    else:
+        p = plan.make_plan(ctx.cache, ctx.cfg)
+        if len(p["rows"]) == 0:
+            raise InputError(f"{ctx.cfg.input_dir}: no valid image/metadata pair (see {layout.rejects})")
+        durable.write_npz(layout.plan, p)
+        summary = plan.summary(p, ctx.names)
+        durable.write_json(layout.plan_json, {"key": ctx.plan_key, **summary})  # after the npz: its marker
+        log.info(
+            "plan: %d images of %d targets (train %d, val %d, test %d targets)",
+            summary["images"],
+            summary["targets"],
+            *summary["targets_per_split"].values(),
+        )
+        ctx.plan = p
+    ctx.knn_ks = {s: plan.knn_k(ctx.cfg.knn_k, len(plan.split_targets(ctx.plan, s))) for s in plan.SPLITS}
+    ctx.knn_key = identity.knn_key(ctx.plan_key, ctx.cfg.knn_k)
+
+
+def run_key(ctx: RunContext) -> str:
+    return identity.run_key(ctx.plan_key, ctx.knn_key, ctx.model_key)
+
+
+# ----------------------------------------------------------------------------------------------- KNN
+def knn(ctx: RunContext) -> None:
+    p, layout = ctx.plan, ctx.layout
+    assert p is not None
+    layout.remove_stale_keys(layout.knn_root, ctx.knn_key)
+    done = sum(layout.knn_rows_done(ctx.knn_key, s, len(plan.split_targets(p, s))) for s in plan.SPLITS)
+    ctx.progress.start("knn", total=len(p["target_keys"]), done=done, unit="targets")
+    for split in plan.SPLITS:
+        pos = plan.split_targets(p, split)
+        complete = geo_knn.run_split(
+            layout.knn_split(ctx.knn_key, split),
+            p["target_lat"][pos],
+            p["target_lon"][pos],
+            ctx.knn_ks[split],
+            ctx.stop,
+            machine.cpu_count(),
+            ctx.cfg.knn_chunk_rows,
+            on_rows=lambda n: ctx.progress.advance("knn", n),
+        )
+        if not complete:
+            raise Interrupted
+    ctx.progress.finish("knn")
+
+
+# ------------------------------------------------------------------------------------------ embedding
+def store_of(ctx: RunContext, name: str) -> EmbeddingStore:
+    marker = ctx.markers[name]
+    return EmbeddingStore(ctx.layout.store_dir(ctx.model_key, name, marker["content"]), int(marker["images"]))
+
+
+def needed_rows(ctx: RunContext, s: int, all_rows: bool) -> np.ndarray:
+    if all_rows:
+        return np.arange(int(ctx.markers[ctx.names[s]]["images"]), dtype=np.int64)
+    assert ctx.plan is not None
+    first = np.cumsum([0] + [int(ctx.markers[n]["images"]) for n in ctx.names])
+    return plan.source_rows(ctx.plan, first, s)
+
+
+def pending_works(
+    ctx: RunContext, names: list[str] | None = None, all_rows: bool = False
+) -> list[embed.Work]:
+    hook = ctx.hooks.on_store_done
+    on_done = (lambda w: hook(ctx, w)) if hook else None
+    works = []
+    for s, name in enumerate(ctx.names):
+        if names is not None and name not in names:
+            continue
+        store = store_of(ctx, name)
+        needed = needed_rows(ctx, s, all_rows)
+        if store.marker():
+            continue  # every row of the archive is there
+        pending = np.setdiff1d(needed, store.done_rows(), assume_unique=True)
+        if len(pending):
+            works.append(embed.Work(s, name, store, pending, {}, on_done=on_done))
+    return works
+
+
+def record_model(ctx: RunContext) -> None:
+    """emb/<model key>/model.json: what the key stands for (written once, before the first chunk)."""
+    path = ctx.layout.model_json(ctx.model_key)
+    if ctx.resolved is not None and not path.exists():
+        durable.write_json(
+            path,
+            {
+                "key": ctx.model_key,
+                "identity": ctx.resolved.identity.as_dict(),
+                "spec": identity.model_spec(ctx.cfg),
+                "dim": ctx.resolved.output_size,
+                "created": utc_now(),
+            },
+        )
+
+
+def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool = False) -> None:
+    """Embed every needed row that no store holds yet (``names``: only these archives)."""
+    works = pending_works(ctx, names, all_rows)
+    todo = sum(len(w.rows) for w in works)
+    if not todo:
+        return
+    absent = [w.name for w in works if w.name not in ctx.sources]
+    if absent:
+        raise InputError(
+            f"embeddings of {', '.join(absent)} are missing, and so are the archives in {ctx.cfg.input_dir}"
+        )
+    for w in works:
+        shard = index.load_shard(ctx.layout, w.name, lazy=True)
+        w.locators = {k: shard[k][w.rows] for k in ("path", "offset", "size", "checksum")}
+    record_model(ctx)
+    backbone = ctx.backbone()
+    sources = [ctx.sources.get(n) for n in ctx.names]
+    reader = ImageReader(
+        [str(s.path) if s else "" for s in sources], [bool(s and s.kind == "tar") for s in sources]
+    )
+    step = "embed"
+    ctx.progress.start(step, total=todo, unit="images")  # the clock starts now that the model is ready
+
+    def batch(n: int) -> None:
+        ctx.counts.images_embedded += n
+        ctx.progress.advance(step, n)
+        if ctx.hooks.on_batch:
+            ctx.hooks.on_batch(n)
+
+    def changed(work: embed.Work, row: int) -> None:
+        marker_path = ctx.layout.shard_marker(work.name)
+        durable.write_json(
+            marker_path, {**ctx.markers[work.name], "stale": f"row {row} changed, {utc_now()}"}
+        )
+
+    chunk = ctx.hooks.on_chunk
+    on_chunk = (lambda w: chunk(ctx, w)) if chunk else None
+    complete = embed.embed_all(works, backbone, reader, ctx.cfg, ctx.stop, batch, on_chunk, changed)
+    if ctx.stop.is_set() or not complete:
+        raise Interrupted
+    ctx.progress.finish(step)
+    for w in works:
+        log.info("embedded %s: %d images", w.name, len(w.rows))
+
+
+# ------------------------------------------------------------------------------------------ artifact
+def assemble_artifact(ctx: RunContext) -> None:
+    cfg, layout, p = ctx.cfg, ctx.layout, ctx.plan
+    assert p is not None
+    key = run_key(ctx)
+    if layout.output.exists() and artifact_key(layout.output) == key:
+        return  # renamed into place by a run that stopped before its stats file
+    first = np.cumsum([0] + [int(ctx.markers[n]["images"]) for n in ctx.names])
+    parts = [
+        assemble.Part(n, store_of(ctx, n), plan.source_rows(p, first, s), int(p["src_start"][s]))
+        for s, n in enumerate(ctx.names)
+    ]
+    dim = model_dim(ctx)
+    n = len(p["rows"])
+    codes = assemble.gather_codes(parts, n)
+    knn_dirs = {s: (layout.knn_split(ctx.knn_key, s), ctx.knn_ks[s]) for s in plan.SPLITS}
+    progress = layout.assemble_progress(key)
+    if not progress:
+        log.info("assembling %s: writing the skeleton", layout.partial)
+        offset = assemble.write_skeleton(
+            layout.partial,
+            ctx.cache,
+            p,
+            knn_dirs,
+            codes,
+            dim,
+            cfg.embedding_dtype,
+            artifact_attrs(ctx, key, codes, dim),
+        )
+        progress = {"run_key": key, "offset": offset, "next": [0, 0], "rows": n}
+        durable.write_json(layout.assemble_json, progress)
+    ctx.progress.start("assemble", total=n, unit="images")
+    complete = assemble.copy_embeddings(
+        layout.partial,
+        int(progress["offset"]),
+        dim,
+        cfg.embedding_dtype,
+        parts,
+        lambda m: durable.write_json(layout.assemble_json, m),
+        progress,
+        ctx.stop,
+        on_rows=lambda k: ctx.progress.advance("assemble", k),
+    )
+    if not complete:
+        raise Interrupted
+    assemble.verify(layout.partial, parts, n, dim)
+    os.replace(layout.partial, layout.output)
+    durable.fsync_dir(layout.output.parent)
+    ctx.progress.finish("assemble")
+
+
+def artifact_key(path: Any) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("run_key", ""))
+    except OSError:
+        return None
+
+
+def model_dim(ctx: RunContext) -> int:
+    if ctx.resolved is not None:
+        return ctx.resolved.output_size
+    recorded = durable.read_json(ctx.layout.model_json(ctx.model_key)) or {}
+    return int(recorded.get("dim") or 0)
+
+
+def artifact_attrs(ctx: RunContext, key: str, codes: np.ndarray, dim: int) -> dict[str, Any]:
+    model = durable.read_json(ctx.layout.model_json(ctx.model_key)) or {}
+    ident = model.get("identity", {})
+    stats = summary(ctx, codes)
+    return {
+        "feature_model": ctx.cfg.feature_model,
+        "image_size": int(ident.get("input_size", [0, 0, 0])[-1]),
+        "precision": str(ident.get("precision")),
+        "weights": str(ident.get("weights")),
+        "run_key": key,
+        "plan_key": ctx.plan_key,
+        "model_key": ctx.model_key,
+        "settings": {**identity.selection(ctx.cfg), "knn_k": ctx.cfg.knn_k, "model": ident},
+        "n_images": stats["images"],
+        "n_valid_images": stats["valid_images"],
+        "n_targets": stats["targets"],
+        "targets_per_split": stats["targets_per_split"],
+        "rejects": stats["rejects"],
+        "knn_distance_unit": "m",
+        "embedding_dtype": ctx.cfg.embedding_dtype,
+    }
+
+
+def summary(ctx: RunContext, codes: np.ndarray) -> dict[str, Any]:
+    """The artifact's counts; rejects by reason, and by who found them (the index or the decoder)."""
+    p = ctx.plan
+    assert p is not None
+    found_index = dict(
+        sorted(
+            (records.REJECT_REASONS[c], int(k))
+            for c, k in zip(*np.unique(ctx.cache["rej_reason"], return_counts=True), strict=True)
+        )
+    )
+    bad = codes[codes != 0]
+    found_decode = dict(
+        sorted(
+            (records.REJECT_REASONS[c], int(k))
+            for c, k in zip(*np.unique(bad, return_counts=True), strict=True)
+        )
+    )
+    rejects = {**found_index}
+    for reason, k in found_decode.items():
+        rejects[reason] = rejects.get(reason, 0) + k
+    return {
+        "images": len(p["rows"]),
+        "valid_images": int((codes == 0).sum()),
+        "targets": len(p["target_keys"]),
+        "targets_per_split": {s: int((p["target_split"] == i).sum()) for i, s in enumerate(plan.SPLITS)},
+        "sources": ctx.names,
+        "rejects": dict(sorted(rejects.items())),
+        "rejects_found_by": {"index": found_index, "decoder": found_decode},
+    }
+
+
+def finish(ctx: RunContext) -> dict[str, Any]:
+    """The rejects file, then the stats file: the commit marker of the whole run, written last."""
+    layout, p = ctx.layout, ctx.plan
+    assert p is not None
+    import h5py
+
+    with h5py.File(layout.output, "r") as f:
+        codes = f["images/reject_reason"][()]
+    write_rejects(ctx, codes)
+    stats = summary(ctx, codes)
+    stats.update(
+        run_key=run_key(ctx),
+        plan_key=ctx.plan_key,
+        knn_key=ctx.knn_key,
+        model_key=ctx.model_key,
+        images_embedded=ctx.counts.images_embedded,
+        images_reused=len(p["rows"]) - ctx.counts.images_embedded,
+        completed=utc_now(),
+    )
+    durable.write_json(layout.stats, stats)
+    return stats
+
+
+def write_rejects(ctx: RunContext, codes: np.ndarray) -> None:
+    cache, names = ctx.cache, ctx.names
+    lines = ["source\tpath\treason\tdetail"]
+    for src, path, code, detail in zip(
+        cache["rej_source_idx"], cache["rej_path"], cache["rej_reason"], cache["rej_detail"], strict=True
+    ):
+        lines.append(
+            f"{names[src]}\t{path.decode(errors='replace')}\t{records.REJECT_REASONS[code]}\t"
+            f"{detail.decode(errors='replace')}"
+        )
+    assert ctx.plan is not None
+    for i in np.flatnonzero(codes != 0):
+        r = ctx.plan["rows"][i]
+        lines.append(
+            f"{names[cache['source_idx'][r]]}\t{cache['path'][r].decode(errors='replace')}\t"
+            f"{records.REJECT_REASONS[codes[i]]}\tfound by the decoder"
+        )
+    durable.write_bytes(ctx.layout.rejects, ("\n".join(lines) + "\n").encode())
+
+
+def fresh_start(ctx: RunContext, discard_embeddings: bool) -> None:
+    """--fresh: discard the artifact, the plan, the KNN tables and the index (every archive is indexed
+    again); the embedding stores stay unless ``discard_embeddings``: unchanged archives reuse them."""
+    layout = ctx.layout
+    for path in (layout.output, layout.partial, layout.stats, layout.rejects):
+        if path.exists():
+            log.warning("--fresh: removing %s", path)
+            path.unlink()
+    keep = {"lock", "events.jsonl", "corrupt"} | (set() if discard_embeddings else {"emb"})
+    if layout.work.is_dir():
+        for child in layout.work.iterdir():
+            if child.name not in keep:
+                log.warning("--fresh: removing %s", child)
+                durable_remove(child)
+
+
+def durable_remove(path: Any) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -1,0 +1,448 @@
+"""The job: download -> (extract) -> preprocess -> finalize -> on-done, each phase skipped when its
+marker says done and its output is still there.
+
+When the engine reads the archives in place (the default), the download and the preprocess phases run at
+once: the download script moves each archive into the archive folder only when it is complete and
+verified, and the engine (``--follow``) indexes and embeds every archive as it appears; the plan, KNN and
+assembly run once all are there. A preemption during either resumes both. With extraction the phases run
+one after the other.
+
+A SIGTERM (systemd stopping the unit, the shutdown script) goes to the running children once; they get
+TRIPLET_SHUTDOWN_GRACE_S to save their progress, the running phases are marked interrupted and the job
+exits 143. While the engine runs, a push to the bucket every push-interval.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import cloud_sync, durable, exit_codes
+from ..progress import utc_now
+from . import checkpoint
+from .paths import VMPaths
+from .phases import DONE, Markers
+
+log = logging.getLogger(__name__)
+
+TERM_EXIT = 143
+
+
+class Children:
+    """Child processes of the job, and the one SIGTERM they get."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.stopping = threading.Event()
+        self.grace_s = grace_s
+
+    def start(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, env=env, cwd=cwd)
+        self.procs.append(proc)
+        return proc
+
+    def terminate(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Job:
+    def __init__(self, paths: VMPaths, s: dict[str, Any], env: dict[str, str]) -> None:
+        self.paths, self.s, self.env = paths, s, env
+        self.markers = Markers(paths.state_dir)
+        self.children = Children(float(env.get("TRIPLET_SHUTDOWN_GRACE_S", "15")))
+        self.running: set[str] = set()
+        self.scripts = Path(__file__).resolve().parents[2] / "gcp" / "scripts"
+        self.python = env.get("TRIPLET_PYTHON", sys.executable)
+
+    # ---- phases
+    def phase_valid(self, phase: str) -> bool:
+        if phase == "download":
+            return (
+                self._script("download_archives.sh", *self._download_args(), "--verify-only", quiet=True) == 0
+            )
+        if phase == "extract":
+            if not self.s["extract-archives"]:
+                return True
+            return (
+                self._script("extract_archives.sh", *self._extract_args(), "--verify-only", quiet=True) == 0
+            )
+        if phase == "preprocess":
+            return (
+                self.s["mode"] == "worker"
+                or Path(self.s["engine"]["output"]).exists()
+                or self.markers.is_done("finalize")
+            )
+        return True
+
+    def should_run(self, phase: str) -> bool:
+        if not self.markers.is_done(phase):
+            return True
+        if self.phase_valid(phase):
+            m = self.markers.get(phase)
+            log.info("phase %s: done (attempts %s); skipping", phase, m.get("attempts", 0))
+            return False
+        log.warning("phase %s: marked done but its output is not there any more; running it again", phase)
+        return True
+
+    def begin(self, phase: str) -> None:
+        attempt = self.markers.start(phase, self.s["run-id"])
+        self.running.add(phase)
+        log.info("phase %s: start (attempt %d)", phase, attempt)
+        self.event("phase", f"phase {phase} started", phase=phase, status="running", attempt=attempt)
+
+    def end(self, phase: str, code: int, summary: dict[str, Any] | None = None) -> int:
+        status = self.markers.end(phase, code, summary)
+        self.running.discard(phase)
+        (log.warning if status == "failed" else log.info)("phase %s: %s (exit %d)", phase, status, code)
+        self.event(
+            "phase",
+            f"phase {phase} {status}",
+            phase=phase,
+            status=status,
+            exit_code=code,
+            severity="ERROR" if status == "failed" else "INFO",
+        )
+        return code
+
+    def event(self, name: str, message: str, severity: str = "INFO", **fields: Any) -> None:
+        path = os.environ.get("TRIPLET_EVENTS_FILE")
+        if not path:
+            return
+        import json
+
+        line = {
+            "time": utc_now(),
+            "severity": severity,
+            "event": name,
+            "source": "job",
+            "message": message,
+            "run_id": self.s["run-id"],
+            "preemptions": self.markers.get("preemptions").get("count", 0),
+            **fields,
+        }
+        with open(path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    # ---- children
+    def _download_args(self) -> list[str]:
+        return ["--manifest", str(self.manifest()), "--dir", str(self.paths.raw_dir)]
+
+    def _extract_args(self) -> list[str]:
+        return ["--raw-dir", str(self.paths.raw_dir), "--extract-dir", str(self.paths.extract_dir)]
+
+    def manifest(self) -> Path:
+        """The manifest this machine downloads: the run's, or a worker's share of it."""
+        full = self.paths.config_dir / "manifest.txt"
+        if self.s["mode"] != "worker":
+            return full
+        from .. import manifest, work_split
+
+        mine = work_split.share_entries(
+            manifest.load(full, self.paths.repo_dir), (self.s["task-index"], self.s["task-count"])
+        )
+        share = self.paths.config_dir / "manifest.task.txt"
+        durable.write_bytes(share, manifest.render(mine).encode())
+        return share
+
+    def _script(self, name: str, *args: str, quiet: bool = False) -> int:
+        out = subprocess.DEVNULL if quiet else None
+        return subprocess.run(
+            ["bash", str(self.scripts / name), *args], env=self.env, stdout=out, stderr=out
+        ).returncode
+
+    def start_script(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.children.start(["bash", str(self.scripts / name), *args], self.env)
+
+    def start_engine(self, follow: bool) -> subprocess.Popen[bytes]:
+        s = self.s
+        args = ["--config", s["engine"]["config"]]
+        run_uri = f"{s['checkpoint-uri']}/{s['run-id']}"
+        if s["mode"] == "worker":
+            args += [
+                "--task-index",
+                str(s["task-index"]),
+                "--task-count",
+                str(s["task-count"]),
+                "--run-uri",
+                run_uri,
+            ]
+        elif s["mode"] == "merge":
+            args += ["--merge", "--run-uri", run_uri, "--wait-timeout-s", str(s["merge-wait-s"])]
+        if follow:
+            args.append("--follow")
+        module = self.env.get("TRIPLET_PROCESSOR_MODULE", "building_image_triplet_model.dataset_processor")
+        log.info("preprocess: %s %s", module, " ".join(args))
+        env = {**self.env, "PYTHONUNBUFFERED": "1", "HF_HOME": str(self.paths.cache_dir / "huggingface")}
+        if s["metadata-cache-sync-uri"]:
+            env["METADATA_CACHE_SYNC_URI"] = s["metadata-cache-sync-uri"]
+        Path(env["HF_HOME"]).mkdir(parents=True, exist_ok=True)
+        proc = self.children.start([self.python, "-m", module, *args], env, cwd=self.paths.repo_dir)
+        durable.write_bytes(self.paths.run_dir / "engine.pid", f"{proc.pid}\n".encode())
+        return proc
+
+    # ---- the flow
+    def run(self) -> int:
+        if self.s["mode"] == "merge":
+            log.info("job: mode merge: no download or extraction (the merge reads the workers' shards)")
+            code = self.preprocess(download=None)
+        else:
+            # Reading the archives in place, the engine embeds each one as soon as it has arrived.
+            overlap = not self.s["extract-archives"] and self.should_run("download")
+            code = self.preprocess(download=self.start_download()) if overlap else self.sequential()
+        if code != 0:
+            checkpoint.push(self.s, self.paths, full=False)
+            return code
+        if self.s["mode"] != "worker" and self.should_run("finalize"):
+            self.begin("finalize")
+            code, summary = self.finalize()
+            self.end("finalize", code, summary)
+            if code:
+                return code
+        if not self.markers.is_done(DONE):
+            self.markers.update(
+                DONE,
+                status="done",
+                run_id=self.s["run-id"],
+                mode=self.s["mode"],
+                finished_at=utc_now(),
+                finalize=self.markers.get("finalize"),
+            )
+            self.event("done", f"run {self.s['run-id']} complete", status="done")
+            log.info("done: %s complete", self.s["run-id"])
+        checkpoint.push(self.s, self.paths, full=False)
+        return on_done(self.s, self.env)
+
+    def start_download(self) -> subprocess.Popen[bytes]:
+        self.begin("download")
+        self.paths.raw_dir.mkdir(parents=True, exist_ok=True)
+        self._summary = self.paths.run_dir / "download.summary.json"
+        self._summary.unlink(missing_ok=True)
+        return self.start_script(
+            "download_archives.sh", *self._download_args(), "--summary-json", str(self._summary)
+        )
+
+    def end_download(self, code: int) -> int:
+        summary = durable.read_json(self._summary) if self._summary.exists() else None
+        return self.end("download", code, summary)
+
+    def sequential(self) -> int:
+        for phase, script, args in (
+            ("download", "download_archives.sh", self._download_args()),
+            (
+                "extract",
+                "extract_archives.sh",
+                self._extract_args() + ([] if self.s["extract-archives"] else ["--skip"]),
+            ),
+        ):
+            if not self.should_run(phase):
+                continue
+            self.begin(phase)
+            summary_path = self.paths.run_dir / f"{phase}.summary.json"
+            summary_path.unlink(missing_ok=True)
+            code = self.start_script(script, *args, "--summary-json", str(summary_path)).wait()
+            code = TERM_EXIT if self.children.stopping.is_set() else code
+            self.end(phase, code, durable.read_json(summary_path) if summary_path.exists() else None)
+            checkpoint.push(self.s, self.paths, full=False)
+            if code:
+                return code
+        return self.preprocess(download=None)
+
+    def preprocess(self, download: subprocess.Popen[bytes] | None) -> int:
+        if not self.should_run("preprocess"):
+            if download is not None:
+                return self.end_download(download.wait())
+            return 0
+        self.begin("preprocess")
+        engine = self.start_engine(follow=download is not None)
+        pushing = threading.Event()
+        pusher = threading.Thread(target=self._push_loop, args=(pushing,), daemon=True)
+        pusher.start()
+        dl_code: int | None = None
+        while engine.poll() is None:
+            if download is not None and dl_code is None and download.poll() is not None:
+                dl_code = self.end_download(
+                    download.returncode if not self.children.stopping.is_set() else TERM_EXIT
+                )
+                if dl_code:
+                    log.warning(
+                        "download failed (exit %d): stopping the engine (its progress is kept)", dl_code
+                    )
+                    engine.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        code = engine.returncode
+        if download is not None and dl_code is None:
+            if code != 0 and download.poll() is None:
+                download.send_signal(signal.SIGTERM)
+            dl_code = self.end_download(download.wait() if not self.children.stopping.is_set() else TERM_EXIT)
+        pushing.set()
+        pusher.join()
+        (self.paths.run_dir / "engine.pid").unlink(missing_ok=True)
+        if self.children.stopping.is_set():
+            code = TERM_EXIT
+        log.log(logging.INFO if code == 0 else logging.WARNING, "preprocess: %s", exit_codes.describe(code))
+        summary: dict[str, Any] | None = None
+        if code == 0 and self.s["mode"] != "worker":
+            summary = self.check_complete()
+            code = 0 if summary else 1
+        self.end("preprocess", code, summary)
+        if code == 0:
+            checkpoint.push(self.s, self.paths, full=True)  # the engine files go before the marker says done
+        if dl_code:
+            return dl_code
+        return code
+
+    def check_complete(self) -> dict[str, Any] | None:
+        h5 = Path(self.s["engine"]["output"])
+        module = self.env.get("TRIPLET_STATUS_MODULE", "building_image_triplet_model.preprocess_resume")
+        r = subprocess.run(
+            [self.python, "-m", module, "--config", self.s["engine"]["config"], "--json"],
+            env=self.env,
+            cwd=self.paths.repo_dir,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0 or not h5.exists():
+            log.warning(
+                "preprocess: the engine exited 0 but the status report says work remains (exit %d)",
+                r.returncode,
+            )
+            return None
+        return {"artifact": str(h5), "artifact_bytes": h5.stat().st_size}
+
+    def _push_loop(self, done: threading.Event) -> None:
+        interval = max(1, int(self.s["push-interval-s"]))
+        while not done.wait(interval):
+            checkpoint.push(self.s, self.paths, full=True)
+
+    def finalize(self) -> tuple[int, dict[str, Any] | None]:
+        h5 = Path(self.s["engine"]["output"])
+        out = self.s["output-uri"].rstrip("/")
+        if not out:
+            log.warning("finalize: no output-uri (and no checkpoint-uri): the artifact stays at %s", h5)
+            return 0, {"artifact": str(h5), "uploaded": False}
+        log.info("finalize: uploading %s to %s/%s (verified by size and CRC32C)", h5, out, h5.name)
+        try:
+            info = cloud_sync.upload_file(h5, f"{out}/{h5.name}")
+            summary = {
+                "artifact_uri": f"{out}/{h5.name}",
+                "size": info.size,
+                "crc32c": cloud_sync.crc32c_of_file(h5),
+                "run_id": self.s["run-id"],
+                "finished_at": utc_now(),
+            }
+            cloud_sync.write_text(f"{out}/_SUCCESS.json", durable.dumps_json(summary))  # after the artifact
+        except (cloud_sync.CloudSyncError, OSError) as exc:
+            log.warning("finalize: upload failed: %s", exc)
+            return 1, None
+        return 0, summary
+
+    def interrupted(self) -> None:
+        """SIGTERM: children get their grace period, running phases are marked interrupted."""
+        self.children.stopping.set()
+        log.warning(
+            "SIGTERM: stopping (phases %s); children get %.0fs to save",
+            sorted(self.running) or "none",
+            self.children.grace_s,
+        )
+        self.children.terminate()
+        for phase in list(self.running):
+            self.markers.update(phase, status="interrupted", ended_at=utc_now(), exit_code=TERM_EXIT)
+
+
+def on_done(s: dict[str, Any], env: dict[str, str]) -> int:
+    """triplet-on-done: stop or delete this VM (through its managed group, which would recreate it)."""
+    action = s["on-done"]
+    if action == "none":
+        log.info("done: on-done=none; the VM keeps running")
+        return 0
+    from .settings import metadata_from_env
+
+    md = metadata_from_env(env)
+    if md.mode == "off":
+        log.info("done: on-done=%s, but there is no metadata server (dry run): nothing to %s", action, action)
+        return 0
+    name, zone, project = (
+        md.get("instance/name") or "",
+        (md.get("instance/zone") or "").rsplit("/", 1)[-1],
+        md.get("project/project-id") or "",
+    )
+    checks = (
+        (name, r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "instance name"),
+        (zone, r"[a-z]+-[a-z]+[0-9]+-[a-z]", "zone"),
+        (project, r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]", "project id"),
+    )
+    for value, pattern, what in checks:
+        if not re.fullmatch(pattern, value):
+            log.error("done: odd %s %r", what, value)
+            return 1
+    if s["deploy-mode"] == "mig":
+        created = md.get("instance/attributes/created-by") or ""
+        m = re.fullmatch(
+            r"projects/[^/]+/(zones|regions)/([a-z0-9-]+)/instanceGroupManagers/([a-z]([-a-z0-9]{0,61}[a-z0-9])?)",
+            created,
+        )
+        if not m:
+            log.error("done: created-by is not an instance group manager")
+            return 1
+        where = f"--{'zone' if m.group(1) == 'zones' else 'region'}={m.group(2)}"
+        verb = "stop-instances" if action == "stop" else "delete-instances"
+        cmd = ["compute", "instance-groups", "managed", verb, m.group(3), f"--instances={name}", where]
+    elif action == "stop":
+        cmd = ["compute", "instances", "stop", name, f"--zone={zone}"]
+    else:
+        cmd = ["compute", "instances", "delete", name, f"--zone={zone}", "--keep-disks=data"]
+    cmd += [f"--project={project}", "--quiet"]
+    gcloud = env.get("TRIPLET_GCLOUD", "gcloud")
+    log.info("done: on-done=%s: gcloud %s (the VM's service account)", action, " ".join(cmd))
+    base = float(env.get("TRIPLET_RETRY_BASE_S", "2"))
+    for attempt in range(5):
+        if subprocess.run([gcloud, *cmd], env=env).returncode == 0:
+            return 0
+        time.sleep(min(60.0, base * 2**attempt))
+    return 1
+
+
+def run(env: dict[str, str]) -> int:
+    """The job, once per machine at a time (a second one exits 0 at once)."""
+    from .settings import load
+
+    paths = VMPaths.from_env(env)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(paths.run_dir / "job.lock", "a")  # noqa: SIM115 (held for the process's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.info("job: another job holds %s; not starting a second one", paths.run_dir / "job.lock")
+        return 0
+    durable.write_bytes(paths.run_dir / "job.pid", f"{os.getpid()}\n".encode())
+    job = Job(paths, load(paths.config_dir), env)
+
+    def term(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        job.interrupted()
+        os._exit(TERM_EXIT)
+
+    signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGINT, term)
+    try:
+        return job.run()
+    finally:
+        (paths.run_dir / "job.pid").unlink(missing_ok=True)
