@@ -26,7 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__, durable, faults, geo_knn, records
+from . import __version__, faults, geo_knn, records
 from .emb_store import EmbeddingStore
 from .plan import SPLITS, split_targets
 
@@ -58,7 +58,7 @@ def gather_codes(parts: list[Part], n: int) -> np.ndarray:
     codes = np.full(n, MISSING, np.int8)
     for part in parts:
         for path in part.store.chunks():
-            chunk = durable.read_npz(path, ("rows", "codes"))
+            chunk = part.store.read_codes(path)
             sel, dest = part.place(chunk["rows"])
             codes[dest] = chunk["codes"][sel]
     missing = np.flatnonzero(codes == MISSING)

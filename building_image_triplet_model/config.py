@@ -16,6 +16,7 @@ the key. The processor never writes to the config file.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -77,15 +78,16 @@ class DataConfig:
 
 # The old preprocessing's keys: what each means now, and the key it maps to (None: nothing to map).
 LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
-    "accelerator": ("device", "the device the backbone runs on; read as data.device"),
+    "accelerator": ("device", "was the old preprocessing's device; read as data.device"),
     "devices": (
         None,
-        "the number of GPUs; this processor uses one GPU per process and scales out over VMs "
-        "(Cloud Batch, docs/preprocessing_gcp.md) instead, so the value is not used",
+        "was the old preprocessing's number of GPUs; this processor uses one GPU per process and scales "
+        "out over VMs instead (Cloud Batch, docs/preprocessing_gcp.md), so the value is not used",
     ),
     "strategy": (
         None,
-        "the multi-GPU strategy (ddp); one process per GPU needs none, so the value is not used",
+        "was the old preprocessing's multi-GPU strategy (ddp); one process per GPU needs none, so the "
+        "value is not used",
     ),
     "checkpoint_interval_s": ("embedding_chunk_interval_s", "renamed embedding_chunk_interval_s"),
 }
@@ -130,8 +132,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"data.{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"data.{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"data.{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:
@@ -161,7 +163,7 @@ def _translate_legacy(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         target, meaning = LEGACY_KEYS[key]
         if target is None:
-            notes.append(f"data.{key}: {value!r} is the old preprocessing's {meaning}")
+            notes.append(f"data.{key}: {value!r} {meaning}")
             continue
         if key == "accelerator":
             mapped = _ACCELERATOR_TO_DEVICE.get(str(value).lower())

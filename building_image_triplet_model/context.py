@@ -27,7 +27,7 @@ class Hooks:
     """Where a scale-out worker publishes its shards, and where benchmarks watch (all optional)."""
 
     on_start: Callable[[RunContext], None] | None = None  # the run holds its lock; nothing done yet
-    after_index: Callable[[RunContext], None] | None = None  # every archive of the run is indexed
+    after_index: Callable[[RunContext, list[str]], None] | None = None  # these archives are indexed
     on_chunk: Callable[[RunContext, Work], None] | None = None  # a chunk of an archive's store is on disk
     on_store_done: Callable[[RunContext, Work], None] | None = None  # an archive has nothing left to embed
     on_batch: Callable[[int], None] | None = None  # a batch of n images is embedded

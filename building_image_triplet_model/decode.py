@@ -66,8 +66,11 @@ class Transform:
         img = img.convert("RGB")
         w, h = img.size
         if (w, h) != (self.scale_size, self.scale_size):
-            scale = self.scale_size / min(w, h)
-            new = (max(self.scale_size, round(w * scale)), max(self.scale_size, round(h * scale)))
+            # The short side to scale_size, the long side computed and truncated as torchvision's Resize
+            # (timm's eval transform) does it.
+            short, long = min(w, h), max(w, h)
+            new_long = int(self.scale_size * long / short)
+            new = (self.scale_size, new_long) if w <= h else (new_long, self.scale_size)
             img = img.resize(new, _INTERPOLATION[self.interpolation])
         w, h = img.size
         # Rounded like torchvision's CenterCrop, so the pixels equal timm's own eval transform.

@@ -156,9 +156,10 @@ def read_npz(path: str | os.PathLike[str], keys: tuple[str, ...] | None = None) 
 
 
 class LazyNpz(Mapping[str, "np.ndarray"]):
-    """An npz file whose arrays are read on first use: a resumed run reads only the columns it needs."""
+    """An npz file whose arrays are read on first use: a resumed run reads only the columns it needs.
+    A file that lacks one of ``required`` is a CorruptFileError at once, not a KeyError deep in a step."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> None:
         import numpy as np
 
         self.path = Path(path)
@@ -168,6 +169,9 @@ class LazyNpz(Mapping[str, "np.ndarray"]):
             raise
         except _NPZ_ERRORS as exc:
             raise CorruptFileError(path, f"unreadable npz ({type(exc).__name__}: {exc})") from None
+        missing = [key for key in required if key not in self._npz.files]
+        if missing:
+            raise CorruptFileError(path, f"lacks the arrays {', '.join(missing)}")
         self._loaded: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: str) -> np.ndarray:

@@ -42,27 +42,38 @@ class EmbeddingStore:
             return []
         return sorted(p for p in self.folder.glob("*-*.npz"))
 
-    def read_rows(self, path: Path) -> np.ndarray:
-        rows = durable.read_npz(path, ("rows",))["rows"]
+    def _check_rows(self, path: Path, rows: np.ndarray) -> np.ndarray:
         if (
             rows.ndim != 1
             or len(rows) == 0
             or rows[0] < 0
             or rows[-1] >= self.n_rows
             or path.name != chunk_name(rows)
+            or (len(rows) > 1 and not (np.diff(rows) > 0).all())
         ):
             raise durable.CorruptFileError(path, f"rows do not belong to an archive of {self.n_rows} rows")
         return rows
+
+    def read_rows(self, path: Path) -> np.ndarray:
+        return self._check_rows(path, durable.read_npz(path, ("rows",))["rows"])
 
     def done_rows(self) -> np.ndarray:
         """Every row embedded so far, sorted (reads only the small ``rows`` array of each chunk)."""
         parts = [self.read_rows(p) for p in self.chunks()]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
+    def read_codes(self, path: Path) -> dict[str, np.ndarray]:
+        """A chunk's rows and decode results only (not its embeddings), checked."""
+        chunk = durable.read_npz(path, ("rows", "codes"))
+        if chunk["codes"].shape != self._check_rows(path, chunk["rows"]).shape:
+            raise durable.CorruptFileError(path, "not as many codes as rows")
+        return chunk
+
     def read(self, path: Path, dim: int | None = None) -> dict[str, np.ndarray]:
-        """One chunk, checked: as many embeddings and codes as rows, of the store's width."""
+        """One chunk, checked: rows of this archive, as many embeddings and codes as rows, of the store's
+        width."""
         chunk = durable.read_npz(path, _ARRAYS)
-        rows, emb, codes = chunk["rows"], chunk["emb"], chunk["codes"]
+        rows, emb, codes = self._check_rows(path, chunk["rows"]), chunk["emb"], chunk["codes"]
         if (
             emb.ndim != 2
             or len(emb) != len(rows)
@@ -97,7 +108,7 @@ class EmbeddingStore:
             "dim": dim,
             "chunks": len(self.chunks()),
         }
-        workdir.commit(self.folder, marker)
+        workdir.commit(self.folder / workdir.SUCCESS, marker)
         return marker
 
     def width(self) -> int:

@@ -36,26 +36,43 @@ def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.n
     return 2.0 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def neighbours(dist: np.ndarray, idx: np.ndarray, start: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """From a tree's k+1 nearest (chord distances, indices) of rows [start, ...): (indices int32, metres
-    float32), nearest first, never the row itself.
+def neighbours(
+    dist: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From a tree's q nearest (chord distances, indices) of ``rows``: the k nearest other rows
+    as (indices int32, metres float32), ordered by distance, then by index; and which rows are unsure.
 
-    A row's own index is removed where it appears; where it does not (more than k+1 targets share its
-    coordinates), the farthest candidate is dropped instead. Ties are ordered by index so that the result
-    never depends on the tree's internal order.
+    A row is unsure when the tree may have left out candidates at its k-th distance: the farthest one it
+    returned is as near as the k-th (ties straddle the cut), or the row itself was not returned (more than
+    q targets share its coordinates). The caller asks the tree for more candidates for those rows.
     """
-    rows, q = idx.shape
-    own = np.arange(start, start + rows)[:, None]
-    drop = idx == own
-    drop[~drop.any(axis=1), -1] = True
-    keep = ~drop
-    idx = idx[keep].reshape(rows, q - 1)[:, :k]
-    metres = chord_to_metres(dist[keep].reshape(rows, q - 1)[:, :k])
-    order = np.lexsort((idx, metres), axis=-1)
-    return (
-        np.take_along_axis(idx, order, axis=1).astype(np.int32),
-        np.take_along_axis(metres, order, axis=1).astype(np.float32),
-    )
+    own = idx == rows[:, None]
+    # The row itself sorts last (infinite distance) and falls off the cut.
+    key = np.where(own, np.inf, dist)
+    order = np.lexsort((idx, key), axis=-1)
+    idx_sorted = np.take_along_axis(idx, order, axis=1)[:, :k]
+    dist_sorted = np.take_along_axis(key, order, axis=1)[:, :k]
+    kth = dist_sorted[:, -1] if k else np.zeros(len(rows))
+    unsure = ~own.any(axis=1) | (key.max(axis=1, where=~own, initial=-1.0) <= kth)
+    return idx_sorted.astype(np.int32), chord_to_metres(dist_sorted).astype(np.float32), unsure
+
+
+def query(
+    tree: object, xyz: np.ndarray, a: int, b: int, k: int, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other targets of rows [a, b), exactly, ties at the k-th distance broken by index."""
+    n = len(xyz)
+    q = min(k + 2, n)
+    rows = np.arange(a, b)
+    dist, idx = tree.query(xyz[a:b], k=q, workers=threads)  # type: ignore[attr-defined]
+    out_idx, out_m, unsure = neighbours(dist.reshape(b - a, -1), idx.reshape(b - a, -1), rows, k)
+    while unsure.any() and q < n:
+        q = min(2 * q, n)
+        again = np.flatnonzero(unsure)
+        d2, i2 = tree.query(xyz[rows[again]], k=q, workers=threads)  # type: ignore[attr-defined]
+        ri, rm, still = neighbours(d2.reshape(len(again), -1), i2.reshape(len(again), -1), rows[again], k)
+        out_idx[again], out_m[again], unsure[again] = ri, rm, still
+    return out_idx, out_m
 
 
 def run_split(
@@ -84,8 +101,7 @@ def run_split(
         if tree is None:
             chunk = {"indices": np.zeros((b - a, 0), np.int32), "distances": np.zeros((b - a, 0), np.float32)}
         else:
-            dist, idx = tree.query(xyz[a:b], k=min(k + 1, n), workers=max(1, threads))
-            idx_k, metres = neighbours(dist.reshape(b - a, -1), idx.reshape(b - a, -1), a, k)
+            idx_k, metres = query(tree, xyz, a, b, k, max(1, threads))
             chunk = {"indices": idx_k, "distances": metres}
         durable.write_npz(folder / workdir.range_name(a, b), chunk)
         faults.point("knn.chunk")
@@ -93,7 +109,7 @@ def run_split(
             on_rows(b - a)
     if stop.is_set():
         return False
-    workdir.commit(folder, {"rows": n, "k": k, "chunks": len(workdir.ranges_done(folder))})
+    workdir.commit(folder / workdir.SUCCESS, {"rows": n, "k": k, "chunks": len(workdir.ranges_done(folder))})
     return True
 
 

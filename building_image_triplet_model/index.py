@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import durable, faults, records
+from . import durable, faults, records, workdir
 from .errors import InputError
 from .records import D_FIELDS, FIELD_DTYPES, REASON_CODE, RejectError
 from .sources import Source, stem_of, walk
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LOCATOR_COLUMNS = ("stem", "path", "offset", "size", "checksum")
 COLUMNS = LOCATOR_COLUMNS + D_FIELDS
 REJECT_COLUMNS = ("rej_path", "rej_reason", "rej_detail")
+CACHE_COLUMNS = (*COLUMNS, *REJECT_COLUMNS, "source_idx", "rej_source_idx", "source_names", "source_digests")
 
 
 def _bytes_array(values: list[str]) -> np.ndarray:
@@ -141,7 +142,7 @@ def index_source(source: Source, layout: Layout, record_bytes: int) -> dict[str,
         "rejects": dict(sorted(Counter(r[1] for r in rejects).items())),
         "seconds": round(time.monotonic() - t0, 3),
     }
-    durable.write_json(layout.shard_marker(source.name), marker)
+    workdir.commit(layout.shard_marker(source.name), marker)
     return marker
 
 
@@ -226,8 +227,8 @@ def index_all(
 
 
 def load_shard(layout: Layout, name: str, lazy: bool = False) -> dict[str, np.ndarray] | durable.LazyNpz:
-    path = layout.shard(name)
-    return durable.LazyNpz(path) if lazy else durable.read_npz(path)
+    path, columns = layout.shard(name), COLUMNS + REJECT_COLUMNS
+    return durable.LazyNpz(path, columns) if lazy else durable.read_npz(path, columns)
 
 
 def merge_cache(layout: Layout, names: list[str], markers: dict[str, dict[str, Any]]) -> None:
@@ -266,7 +267,7 @@ def read_cache_header(layout: Layout) -> tuple[list[str], list[str]] | None:
 
 def load_cache(layout: Layout) -> durable.LazyNpz:
     """The merged index; columns are read from disk when first used."""
-    return durable.LazyNpz(layout.cache)
+    return durable.LazyNpz(layout.cache, CACHE_COLUMNS)
 
 
 def upload_cache(layout: Layout, uri: str) -> None:

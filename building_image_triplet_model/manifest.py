@@ -69,10 +69,13 @@ def parse(text: str, where: str = "manifest", repo_root: Path | None = None) -> 
             raise ManifestError(f"{at}: URI has characters that are not allowed: {uri!r}")
         raw.append({"uri": uri, "line": str(lineno)})
     entries = [_entry(r, where, repo_root) for r in raw]
-    outs = [e.out for e in entries]
-    dups = sorted({o for o in outs if outs.count(o) > 1})
-    if dups:
-        raise ManifestError(f"{where}: several entries write {', '.join(dups)}")
+    first: dict[str, Entry] = {}
+    for e in entries:
+        if e.out in first:
+            raise ManifestError(
+                f"{where}:{e.line}: several entries write {e.out} (lines {first[e.out].line} and {e.line})"
+            )
+        first[e.out] = e
     return entries
 
 

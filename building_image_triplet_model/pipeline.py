@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from . import durable, preflight, steps
+from . import artifact, durable, preflight, steps
 from .config import DataConfig
 from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
@@ -92,8 +92,8 @@ def run_single(ctx: RunContext, follow_timeout_s: float = 0) -> int:
         ctx.prefetch_model()  # loads while KNN runs (nothing forks from here on until the decode workers)
     steps.knn(ctx)
     steps.embed_rows(ctx)
-    steps.assemble_artifact(ctx)
-    stats = steps.finish(ctx)
+    artifact.assemble_artifact(ctx)
+    stats = artifact.finish(ctx)
     log.info(
         "done: %s holds %d images (%d valid) of %d targets; %d embedded now, %d reused; %d rejected (%s)",
         ctx.layout.output,
@@ -113,11 +113,12 @@ def run_worker(ctx: RunContext, follow_timeout_s: float = 0) -> int:
     steps.resolve_sources(ctx)
     groups = steps.arrivals(ctx, follow_timeout_s) if ctx.follow else iter([list(ctx.sources.values())])
     for arrived in groups:
+        names = [s.name for s in arrived]
         steps.index_sources(ctx, arrived)
-        steps.embed_rows(ctx, [s.name for s in arrived], all_rows=True)
+        if ctx.hooks.after_index:
+            ctx.hooks.after_index(ctx, names)  # checked and published before any GPU time is spent on them
+        steps.embed_rows(ctx, names, all_rows=True)
     steps.indexed_without_source(ctx)
-    if ctx.hooks.after_index:
-        ctx.hooks.after_index(ctx)
     steps.embed_rows(ctx, all_rows=True)  # archives whose shards were restored with work left
     if ctx.hooks.on_finish:
         ctx.hooks.on_finish(ctx)
@@ -133,8 +134,8 @@ def run_merge(ctx: RunContext) -> int:
     if not ctx.layout.is_complete(steps.run_key(ctx)):
         steps.knn(ctx)
         steps.embed_rows(ctx)  # nothing to do, or an InputError naming the archives without embeddings
-        steps.assemble_artifact(ctx)
-        steps.finish(ctx)
+        artifact.assemble_artifact(ctx)
+        artifact.finish(ctx)
     return Exit.OK
 
 
@@ -178,6 +179,8 @@ def execute(
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
         resolved = None if mode == "merge" else preflight.resolve(cfg)
+        if resolved is not None and not follow:
+            preflight.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
         layout.work.mkdir(parents=True, exist_ok=True)
         setup_logging(layout.log, layout.events)
@@ -199,7 +202,7 @@ def execute(
                 hooks=hooks or Hooks(),
             )
             if fresh or discard_embeddings:
-                steps.fresh_start(ctx, discard_embeddings)
+                layout.discard(keep_embeddings=not discard_embeddings)
             durable.remove_tmp_files(layout.work)
             if ctx.hooks.on_start:
                 ctx.hooks.on_start(ctx)

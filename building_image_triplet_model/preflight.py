@@ -85,13 +85,31 @@ def estimate_bytes(images: int, dim: int, dtype_bytes: int) -> int:
     return images * (2 * dim * dtype_bytes + META_BYTES_PER_IMAGE)
 
 
-def check_disk_space(where: Path, images: int, dim: int, dtype_bytes: int, already: int = 0) -> None:
-    need = estimate_bytes(images, dim, dtype_bytes) - already
-    free = free_bytes(where)
+def _bytes_under(*paths: Path) -> int:
+    total = 0
+    for root in paths:
+        if root.is_file():
+            total += root.stat().st_size
+        elif root.is_dir():
+            total += sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return total
+
+
+def check_disk_space_for(cfg: DataConfig, layout: Any, dim: int) -> None:
+    """Free space where the run writes against an estimate of what it writes, less what is already there.
+    The image count comes from the archives' sizes (the index does not exist yet)."""
+    from .sources import list_sources
+
+    archive_bytes = sum(s.path.stat().st_size for s in list_sources(cfg.input_dir) if s.kind == "tar")
+    images = archive_bytes // ARCHIVE_BYTES_PER_IMAGE
+    need = estimate_bytes(images, dim, 2 if cfg.embedding_dtype == "float16" else 4)
+    need -= _bytes_under(layout.work, layout.output)
+    free = min(free_bytes(layout.output.parent), free_bytes(layout.work))
     if need > free:
         raise ConfigError(
-            f"{where}: {free / 1e9:.1f} GB free, the run needs about {need / 1e9:.1f} GB more "
-            f"({images} images x {dim} features); free space, or point data.hdf5_path/data.work_dir elsewhere"
+            f"{layout.output.parent}: {free / 1e9:.3f} GB free, the run writes about {need / 1e9:.3f} GB "
+            f"more (~{images} images x {dim} features, estimated from {archive_bytes / 1e9:.3f} GB of "
+            "archives); free space, or point data.hdf5_path / data.work_dir elsewhere"
         )
 
 

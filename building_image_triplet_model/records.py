@@ -116,7 +116,10 @@ def parse_d_line(raw: bytes) -> tuple[int, int, int, int, tuple[float, ...]]:
         raise RejectError("too_few_fields", f"{len(values)} of {len(D_FIELDS)}")
     if len(values) > len(D_FIELDS):
         raise RejectError("too_many_fields", f"{len(values)} of {len(D_FIELDS)}")
-    ids = [int(_number(v, _INT, name)) for v, name in zip(values[:4], ID_FIELDS, strict=True)]
+    tokens = [_number(v, _INT, name) for v, name in zip(values[:4], ID_FIELDS, strict=True)]
+    if any(len(t) > 30 for t in tokens):  # far beyond int64 (and beyond what int() converts at 4300)
+        raise RejectError("id_out_of_range", "an id with more than 30 digits")
+    ids = [int(t) for t in tokens]
     floats = tuple(float(_number(v, _FLOAT, name)) for v, name in zip(values[4:], FLOAT_FIELDS, strict=True))
     for name, value in zip(FLOAT_FIELDS, floats, strict=True):
         if not math.isfinite(value):  # a literal beyond float64's range, such as 1e999

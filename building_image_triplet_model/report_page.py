@@ -73,7 +73,7 @@ def map_panels(t: dict[str, np.ndarray], width: int = 220) -> str:
     panels = []
     for d in np.unique(dataset):
         sel = np.flatnonzero(dataset == d)
-        sel = sel[:: max(1, len(sel) // MAX_POINTS_PER_PANEL)]
+        sel = sel[:: max(1, -(-len(sel) // MAX_POINTS_PER_PANEL))]  # ceil: never more than the cap
         lat, lon, split = t["lat"][sel], t["lon"][sel], t["split"][sel]
         kx = math.cos(math.radians(float(np.mean(lat))))  # equirectangular, true to scale at the centre
         x0, x1 = float(lon.min()) * kx, float(lon.max()) * kx

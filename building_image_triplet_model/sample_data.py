@@ -53,6 +53,7 @@ BAD_KINDS = (
     "non_finite_value",
     "lat_out_of_range",
     "lon_out_of_range",
+    "conflicting_d_lines",
     "duplicate_stem",
 )
 # Bad kinds the index sees; the others (not_jpeg, decode_error) surface while embedding.
@@ -188,7 +189,9 @@ def _bad_items(rng: np.random.Generator, dataset_id: int, good_jpeg: bytes, opts
         ("non_finite_value", stem("non_finite_value"), good_jpeg, line(target_lon="nan"), ""),
         ("lat_out_of_range", stem("lat_out_of_range"), good_jpeg, line(target_lat=91.5), ""),
         ("lon_out_of_range", stem("lon_out_of_range"), good_jpeg, line(target_lon=-181.0), ""),
-    ]
+        ("conflicting_d_lines", stem("conflicting_d_lines"), good_jpeg,
+         line(TargetID=900_007) + line(TargetID=900_008), ""),
+    ]  # fmt: skip
     dup_txt = line(TargetID=900_006)
     items.append(("duplicate_stem", stem("duplicate_stem"), good_jpeg, dup_txt, "a/"))
     items.append(("duplicate_stem", stem("duplicate_stem"), good_jpeg, dup_txt, "b/"))
@@ -238,10 +241,16 @@ def generate(opts: Options) -> dict:
     pool_rng = np.random.default_rng([opts.seed, 1_000_003])
     pool = [_jpeg(pool_rng, opts.image_size, opts.quality) for _ in range(opts.image_pool)]
     archives = [write_archive(opts, n, pool) for n in range(opts.archives)]
+    planted = [p for a in archives for p in a["planted"]]
+    expected: dict[str, int] = {}
+    for p in planted:
+        # A planted duplicate is an image and a txt of one stem: both are rejected.
+        expected[p["kind"]] = expected.get(p["kind"], 0) + (2 if p["kind"] == "duplicate_stem" else 1)
     summary = {
         "archives": archives,
         "images": sum(a["images"] for a in archives),
-        "planted": [p for a in archives for p in a["planted"]],
+        "planted": planted,
+        "expected_rejects": dict(sorted(expected.items())),
     }
     (opts.out / "planted.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -278,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {len(summary['archives'])} archives, {summary['images']} good images, "
         f"{len(summary['planted'])} planted bad items to {args.out}"
     )
+    if summary["expected_rejects"]:
+        print(
+            "the planted items give these rejects: "
+            + ", ".join(f"{k}={v}" for k, v in summary["expected_rejects"].items())
+        )
     return 0
 
 

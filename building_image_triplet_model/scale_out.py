@@ -46,11 +46,19 @@ def run_settings(cfg: DataConfig) -> dict:
     return {"selection": identity.selection(cfg), "knn_k": cfg.knn_k, "model_spec": identity.model_spec(cfg)}
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _differences(theirs: dict, ours: dict) -> str:
+    a, b = _flat(theirs), _flat(ours)
     return ", ".join(
-        f"{k}: run has {theirs.get(k)!r}, this process {v!r}"
-        for k, v in sorted(ours.items())
-        if theirs.get(k) != v
+        f"{k.split('.')[-1]}: run has {a.get(k)!r}, this process {v!r}"
+        for k, v in sorted(b.items())
+        if a.get(k) != v
     )
 
 
@@ -71,8 +79,8 @@ def claim(run_uri: str, record: dict, create: bool) -> dict:
         raise ConfigError(f"--run-uri {run_uri}: no such run ({SETTINGS_NAME} is missing)") from None
     if any(theirs.get(k) != v for k, v in record.items()):
         raise ResumeRefused(
-            f"{run_uri}: this process's settings differ from the run's "
-            f"({_differences(theirs, record)}); use the run's config, or start a new run id"
+            f"{run_uri}: this process's settings differ from the run's ({_differences(theirs, record)}); "
+            "refusing to join: use the run's config, or start a new run id"
         )
     return theirs
 
@@ -93,6 +101,11 @@ def worker(
     stop: threading.Event | None = None,
 ) -> int:
     """Index and embed this task's archives, publishing shards to run_uri as they are written."""
+    if cfg.selects_subset:
+        raise ConfigError(
+            "data.n_samples/data.n_images: a scale-out worker embeds every image of its archives and cannot "
+            "see the others to choose a subset; leave both unset for a scale-out run"
+        )
     names = task_share(manifest_sources(cfg.manifest or ""), *task)
     log.info("task %d of %d: %d archives: %s", task[0], task[1], len(names), " ".join(names))
     shards = join(run_uri, "shards") if run_uri else None
@@ -114,15 +127,15 @@ def worker(
             marker = ctx.layout.index_marker(n, None)
             published[n] = marker["digest"] if marker else None
 
-    def after_index(ctx: RunContext) -> None:
+    def after_index(ctx: RunContext, indexed: list[str]) -> None:
         # A re-downloaded archive is indexed again; its shards are only valid if its content is the same.
-        for n in names:
+        for n in indexed:
             if published.get(n) and ctx.markers[n]["digest"] != published[n]:
                 raise ResumeRefused(
                     f"archive {n} differs from the one this run's shards were made from; "
                     "restore the original archive or start a new run id"
                 )
-        publish(ctx, names)
+        publish(ctx, indexed)
 
     def chunk(ctx: RunContext, work: Work) -> None:
         publish(ctx, [work.name])  # from the writer thread: seconds after it is on disk

@@ -112,11 +112,11 @@ def list_sources(input_dir: str | os.PathLike[str]) -> list[Source]:
     tars = _check_archive_names(root, entries)
     if tars:
         return [Source(e.name[: -len(ARCHIVE_SUFFIX)], "tar", Path(e.path)) for e in tars]
-    sources = [
-        Source(e.name, "dir", Path(e.path))
-        for e in entries
-        if e.is_dir() and not e.name.startswith(".") and _NAME.match(e.name)
-    ]
+    folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]  # .triplet-* is ours
+    odd = [e.path for e in folders if not _NAME.match(e.name)]
+    if odd:
+        raise InputError(f"{'; '.join(odd)}: source folder names are letters, digits, '.', '_' and '-'")
+    sources = [Source(e.name, "dir", Path(e.path)) for e in folders]
     if any(e.is_file() and _kind(e.name) in ("jpg", "txt") for e in entries):
         sources.insert(0, Source(ROOT_SOURCE, "dir", root))
     if not sources:
@@ -170,13 +170,17 @@ def _walk_files(root: Path, top_only: bool = False) -> Iterator[os.DirEntry[str]
     stack = [root]
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    if not top_only:
-                        stack.append(Path(entry.path))
-                else:
-                    yield entry
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot be listed ({exc.strerror})") from None
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if not top_only:
+                    stack.append(Path(entry.path))
+            else:
+                yield entry
 
 
 def _walk_dir(source: Source) -> Iterator[Member]:

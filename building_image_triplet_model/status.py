@@ -53,13 +53,14 @@ def _current_plan(layout: Layout, cfg: DataConfig, names: list[str], markers: di
     inputs = identity.inputs_key([(n, markers[n]["digest"]) for n in names])
     key = identity.plan_key(cfg, inputs)
     recorded = _read(layout.plan_json) or {}
-    try:
-        if recorded.get("key") == key and layout.plan.exists():
+    if recorded.get("key") == key and layout.plan.exists():
+        with contextlib.suppress(durable.CorruptFileError):  # damaged: the processor makes it again
             return {"key": key, "stored": True, **durable.read_npz(layout.plan)}
+    try:
         if index.read_cache_header(layout) == (names, [markers[n]["digest"] for n in names]):
             return {"key": key, "stored": False, **plan.make_plan(index.load_cache(layout), cfg)}
     except durable.CorruptFileError:
-        return None
+        pass
     return None
 
 
@@ -240,8 +241,19 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"a processor is running now (pid {report['running_pid']})")
     for step in STEPS:
         st = report["steps"][step]
-        detail = ", ".join(f"{k}={v}" for k, v in st.items() if k != "status")
-        lines.append(f"  {step:<9} {st['status']:<12} {detail}")
+        detail = [
+            f"{k}={v}"
+            for k, v in st.items()
+            if k not in ("status", "last_rate_per_s", "rate_unit", "last_eta_s")
+        ]
+        if st.get("last_rate_per_s"):
+            rate, unit = st["last_rate_per_s"], st.get("rate_unit") or "items"
+            detail.append(
+                f"last rate {rate / 1e6:.1f} MB/s" if unit == "bytes" else f"last rate {rate:.1f} {unit}/s"
+            )
+        if st.get("last_eta_s") is not None:
+            detail.append(f"ETA then {st['last_eta_s'] / 60:.1f} min")
+        lines.append(f"  {step:<9} {st['status']:<12} {', '.join(detail)}")
     states: dict[str, list[str]] = {}
     for name, a in report["archives"].items():
         states.setdefault(a["state"], []).append(name)
@@ -253,10 +265,12 @@ def render(report: dict[str, Any]) -> str:
                 for k, v in sorted(states.items())
             )
         )
+    if report["rejects"]:
+        lines.append("rejects: " + ", ".join(f"{k}={v}" for k, v in report["rejects"].items()))
     by = report.get("rejects_found_by", {})
     for who in ("index", "decoder"):
         if by.get(who):
-            lines.append(f"rejects found by the {who}: " + ", ".join(f"{k}={v}" for k, v in by[who].items()))
+            lines.append(f"  found by the {who}: " + ", ".join(f"{k}={v}" for k, v in by[who].items()))
     if "images_embedded" in report:
         lines.append(
             f"last run: {report['images_embedded']} images embedded, {report['images_reused']} reused"

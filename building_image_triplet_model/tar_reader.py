@@ -89,18 +89,20 @@ def _text(field: bytes) -> str:
 
 
 def _pax_records(data: bytes, at: int) -> dict[str, str]:
+    """``<length> <key>=<value>\\n`` records; anything else is a damaged header (as GNU tar says)."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarError(f"bad pax header at byte {at}") from None
-        record = data[space + 1 : pos + length - 1]  # without the trailing newline
-        key, _, value = record.partition(b"=")
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        end = pos + length
+        record = data[space + 1 : end]
+        if length <= space - pos + 1 or end > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise TarError(f"bad pax header at byte {at}")
+        key, _, value = record[:-1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        pos = end
     return out
 
 
@@ -140,6 +142,13 @@ class TarReader:
                 self._check_end(at)
                 return
             if not _header_ok(header):
+                start = at + len(header.rstrip(b"\0"))
+                after = self._read(min(self.size - self.pos, 1 << 16))
+                if at and not after.strip(b"\0") and self.size - start >= self.record_bytes:
+                    raise self._fail(
+                        f"zeros from byte {start} to the end ({self.size - start} bytes) where a header "
+                        "should be: an unfinished download with preallocated space?"
+                    )
                 what = "not a tar archive" if at == 0 else "damaged archive"
                 raise self._fail(f"{what}: bad header checksum at byte {at}")
             size = _number(header[124:136], "size", at)
@@ -182,7 +191,8 @@ class TarReader:
         if long_name is not None:
             return long_name
         name = _text(header[0:100])
-        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+        # Only POSIX ustar has a name prefix there; GNU headers ("ustar  ") keep times in those bytes.
+        if header[257:263] == b"ustar\0" and header[345:346] != b"\0":
             prefix = _text(header[345:500])
             if prefix:
                 name = f"{prefix}/{name}"

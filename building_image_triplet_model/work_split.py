@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--names", action="store_true", help="print archive names instead of manifest entries")
     args = ap.parse_args(argv)
+    if (args.task_index is None) != (args.task_count is None):
+        ap.error("give --task-index and --task-count together (or neither, for TASK_INDEX/TASK_COUNT)")
     task = (args.task_index, args.task_count) if args.task_index is not None else task_from_env()
-    if task is None or task[1] is None:
+    if task is None:
         ap.error("give --task-index and --task-count (or set TASK_INDEX/TASK_COUNT)")
     try:
         mine = share_entries(manifest.load(args.manifest), task)

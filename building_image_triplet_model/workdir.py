@@ -176,13 +176,36 @@ class Layout:
             rel = path.relative_to(self.work)
         except ValueError:
             rel = Path(path.name)
-        target = self.corrupt_dir / f"{rel.as_posix().replace('/', '__')}.{time.strftime('%Y%m%dT%H%M%S')}"
+        # The time and a counter: a file damaged twice within a second keeps both copies.
+        stem = f"{rel.as_posix().replace('/', '__')}.{time.strftime('%Y%m%dT%H%M%S')}"
+        target = self.corrupt_dir / stem
+        n = 1
+        while target.exists():
+            target, n = self.corrupt_dir / f"{stem}.{n}", n + 1
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             os.replace(path, target)
             durable.fsync_dir(path.parent)
         log.warning("%s is corrupt (%s): moved to %s; it is computed again", path, reason, target)
+        marker = path.parent / SUCCESS
+        if path.name != SUCCESS and marker.exists():
+            marker.unlink()  # the folder lost a file: it is no longer complete
+            durable.fsync_dir(path.parent)
         return target
+
+    def discard(self, keep_embeddings: bool) -> None:
+        """--fresh: the artifact, the plan, the KNN tables and the index (every archive is indexed again)
+        go; the embedding stores stay unless told otherwise: unchanged archives reuse them."""
+        for path in (self.output, self.partial, self.stats, self.rejects):
+            if path.exists():
+                log.warning("--fresh: removing %s", path)
+                path.unlink()
+        keep = {"lock", "events.jsonl", "corrupt"} | ({"emb"} if keep_embeddings else set())
+        if self.work.is_dir():
+            for child in self.work.iterdir():
+                if child.name not in keep:
+                    log.warning("--fresh: removing %s", child)
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     def remove_stale_keys(self, folder: Path, keep: str) -> None:
         """Delete the other keys' folders under ``folder`` (cheap steps: another key is recomputed)."""
@@ -208,14 +231,18 @@ def ranges_done(folder: Path) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def commit(folder: Path, marker: dict[str, Any]) -> None:
-    """Write a folder's commit marker: the last file of a unit of work (every reader trusts it)."""
-    durable.write_json(folder / SUCCESS, marker)
-    faults.point(f"commit:{folder.name}")
+def commit(path: Path, marker: dict[str, Any]) -> None:
+    """Write a commit marker: the last file of a unit of work, after everything it describes is durable
+    (a folder's _SUCCESS.json, an index shard's .json, the plan's plan.json, the run's stats file)."""
+    durable.write_json(path, marker)
+    faults.point(f"commit:{path.parent.name}/{path.name}")
 
 
 def committed(folder: Path) -> dict[str, Any] | None:
     return durable.read_json(folder / SUCCESS)
+
+
+_HELD: set[Path] = set()  # lock files this process holds (a POSIX lock dies when ANY of its fds closes)
 
 
 class RunLock:
@@ -246,16 +273,20 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        _HELD.add(self.path.resolve())
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            _HELD.discard(self.path.resolve())
             os.close(self._fd)
             self._fd = None
 
 
 def lock_holder(path: Path) -> int | None:
     """The pid of the processor holding the lock at ``path``, or None. Creates nothing."""
+    if path.resolve() in _HELD:
+        return os.getpid()  # opening the file here would release our own lock
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from engine_helpers import make_archives, tiny_config
+
+from building_image_triplet_model import config
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +19,9 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
-def reference(archives: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Any:
+def reference(archives: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> config.DataConfig:
     """An uninterrupted in-process run over the sample archives: the artifact every other run must equal."""
-    from building_image_triplet_model import config, pipeline
+    from building_image_triplet_model import pipeline
 
     tmp = tmp_path_factory.mktemp("reference")
     cfg = config.load(tiny_config(tmp, archives[0]))

@@ -8,19 +8,18 @@ artifact whose arrays equal those of the uninterrupted reference run, exactly.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_helpers import REPO, assert_same_arrays, tiny_config
+from engine_helpers import assert_same_arrays, finish, kill_group, load, tiny_config
+from engine_helpers import start_processor as start
 
-from building_image_triplet_model import config, preprocess_resume
+from building_image_triplet_model import status
+from building_image_triplet_model.workdir import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +27,14 @@ pytestmark = pytest.mark.slow
 KILL_CHAIN = [
     "write:0004.npz@1",  # an index shard fsynced but not yet renamed
     "index.source_done@1",
+    "commit:*@1",  # an index shard's marker just written, the next not yet begun
     "write:metadata_cache_complete.npz@1",
     "plan.written@1",
     "knn.chunk@1",
     "write:*-*.npz@2",  # a KNN chunk between fsync and rename
     "embed.batch@2",  # results in memory, not yet in a chunk
     "embed.chunk@3",
+    "commit:*/_SUCCESS.json@1",  # an embedding store's marker just written
     "write:*-*.npz@4",  # an embedding chunk between fsync and rename
     "embed.source_done@1",
     "embed.batch@4",
@@ -45,72 +46,46 @@ KILL_CHAIN = [
 TERM_CHAIN = ["index.source_done@1", "knn.chunk@1", "embed.batch@2", "embed.chunk@3", "assemble.sync@1"]
 
 
-def start(cfg_path: Path, failpoint: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("TRIPLET_FAILPOINT", None)
-    if failpoint:
-        env["TRIPLET_FAILPOINT"] = failpoint
-    return subprocess.Popen(
-        [sys.executable, "-m", "building_image_triplet_model.dataset_processor", "--config", str(cfg_path)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def kill_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
 @pytest.fixture
 def cfg_path(archives, tmp_path):
     return tiny_config(tmp_path, archives[0], num_workers=2)
 
 
-def index_mtimes(cfg: config.DataConfig) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in (cfg.work / "index").glob("*")}
+def index_mtimes(layout: Layout) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in layout.index_dir.glob("*")}
 
 
 def test_sigkill_at_every_step_then_resume_equals_uninterrupted(reference, cfg_path):
-    cfg = config.load(cfg_path)
+    cfg, layout = load(cfg_path)
     frozen_index: dict[str, int] = {}
     for point in KILL_CHAIN:
         code, out = finish(start(cfg_path, point))
         assert code == -signal.SIGKILL, f"{point}: expected a kill, got {code}\n{out[-3000:]}"
-        report = preprocess_resume.collect(cfg)
+        report = status.collect(cfg)
         assert not report["complete"] or point == "write:dataset.stats.json@1", point
         if point == "plan.written@1":
-            frozen_index = index_mtimes(cfg)  # from here on, the index is complete
+            frozen_index = index_mtimes(layout)  # from here on, the index is complete
     code, out = finish(start(cfg_path))
     assert code == 0, out[-3000:]
-    assert index_mtimes(cfg) == frozen_index  # a completed step is never redone
-    assert_same_arrays(reference.output, cfg.output)
-    assert not list(cfg.work.rglob("*.tmp"))
+    assert index_mtimes(layout) == frozen_index  # a completed step is never redone
+    assert_same_arrays(Layout(reference).output, layout.output)
+    assert not list(layout.work.rglob("*.tmp"))
 
 
 def test_sigterm_at_every_step_exits_75_then_resume_equals(reference, cfg_path):
-    cfg = config.load(cfg_path)
+    _cfg, layout = load(cfg_path)
     for point in TERM_CHAIN:
         code, out = finish(start(cfg_path, point + ":TERM"))
         assert code == 75, f"{point}: {code}\n{out[-3000:]}"
         assert "SIGTERM received" in out and "run the same command again" in out
     code, out = finish(start(cfg_path))
     assert code == 0, out[-3000:]
-    assert_same_arrays(reference.output, cfg.output)
+    assert_same_arrays(Layout(reference).output, layout.output)
 
 
 def test_random_sigkills_from_outside(reference, cfg_path):
     rng = np.random.default_rng(20261129)
-    cfg = config.load(cfg_path)
+    _cfg, layout = load(cfg_path)
     for delay in rng.uniform(0.5, 14.0, size=6):
         proc = start(cfg_path)
         try:
@@ -118,11 +93,11 @@ def test_random_sigkills_from_outside(reference, cfg_path):
         except subprocess.TimeoutExpired:
             kill_group(proc, signal.SIGKILL)
         finish(proc)
-        if cfg.output.exists():
+        if layout.output.exists():
             break
     code, out = finish(start(cfg_path))
     assert code == 0, out[-3000:]
-    assert_same_arrays(reference.output, cfg.output)
+    assert_same_arrays(Layout(reference).output, layout.output)
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -135,9 +110,9 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 
 def test_sigterm_to_the_main_process_during_embedding(reference, cfg_path):
     """Only the parent gets SIGTERM (as from `kill PID`): it stops its decode workers itself."""
-    cfg = config.load(cfg_path)
+    _cfg, layout = load(cfg_path)
     proc = start(cfg_path, "embed.batch@3:STALL")  # holds the run inside the embedding step
-    wait_for(lambda: any((cfg.work / "emb").rglob("*-*.npz")) if (cfg.work / "emb").exists() else False)
+    wait_for(lambda: any(layout.emb_root.rglob("*-*.npz")) if layout.emb_root.exists() else False)
     os.kill(proc.pid, signal.SIGTERM)
     code, out = finish(proc, timeout=60)  # the stop watchdog ends even a stuck step (a hang guard only)
     assert code == 75, out[-3000:]
@@ -150,27 +125,27 @@ def test_sigterm_to_the_main_process_during_embedding(reference, cfg_path):
     wait_for(group_gone, timeout=10)  # decode workers and helpers go with their parent
     code, out = finish(start(cfg_path))  # the lock is free at once, and nothing is lost
     assert code == 0, out[-3000:]
-    assert_same_arrays(reference.output, cfg.output)
+    assert_same_arrays(Layout(reference).output, layout.output)
 
 
 def test_status_during_and_after_an_interruption(cfg_path):
-    cfg = config.load(cfg_path)
+    cfg, _ = load(cfg_path)
     code, _ = finish(start(cfg_path, "knn.chunk@1:TERM"))
     assert code == 75
-    report = preprocess_resume.collect(cfg)
+    report = status.collect(cfg)
     assert report["steps"]["index"]["status"] == "done"
     assert report["steps"]["knn"]["status"] == "in progress" and report["steps"]["knn"]["rows_done"] > 0
-    assert report["steps"]["embed"]["status"] == "pending"
-    assert report["next_run"] == "continue at knn: compute the remaining geographic KNN rows"
+    assert report["steps"]["embed"]["status"] == "pending" and report["steps"]["embed"]["images_to_embed"] > 0
+    assert report["next_run"].startswith("embed ") and "compute the geographic KNN rows" in report["next_run"]
     assert report["rejects"]["duplicate_stem"] == 12
     assert report["steps"]["index"]["last_rate_per_s"] > 0
 
 
 def test_a_duplicated_sigterm_is_one_stop_request(cfg_path):
     """A group SIGTERM plus a wrapper that forwards it deliver the same request twice: still a clean stop."""
-    cfg = config.load(cfg_path)
+    _cfg, layout = load(cfg_path)
     proc = start(cfg_path, "embed.batch@3:STALL")
-    wait_for(lambda: any((cfg.work / "emb").rglob("*-*.npz")) if (cfg.work / "emb").exists() else False)
+    wait_for(lambda: any(layout.emb_root.rglob("*-*.npz")) if layout.emb_root.exists() else False)
     os.kill(proc.pid, signal.SIGTERM)
     time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)

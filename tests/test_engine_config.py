@@ -282,11 +282,6 @@ def test_impossible_values_name_the_key(tmp_path, data, key):
     assert f"data.{key}:" in error(tmp_path, **data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NaN passes the `<= 0` / `< 0` checks, so split_cell_m: .nan and "
-    "embedding_chunk_interval_s: .nan are accepted (NaN cells; a chunk interval that never elapses)",
-)
 @pytest.mark.parametrize("key", ["split_cell_m", "embedding_chunk_interval_s"])
 def test_nan_is_an_impossible_value(tmp_path, key):
     path = write(tmp_path, f"data:\n  input_dir: in\n  hdf5_path: o.h5\n  {key}: .nan\n")

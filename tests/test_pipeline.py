@@ -1,20 +1,23 @@
+"""The whole processor on real archives: the trainer's contract, rejects, inputs, weights, resumes."""
+
 import json
-import shutil
 import tarfile
 import threading
 
 import h5py
 import numpy as np
-import yaml
-from engine_helpers import read_artifact, run_cli, tiny_config
+from engine_helpers import load, read_artifact, run_cli, stats, tiny_config
 
-from building_image_triplet_model import config, geo_knn, pipeline, preprocess_resume
+from building_image_triplet_model import config, geo_knn, pipeline, preflight, tar_reader
+from building_image_triplet_model.context import Hooks
 from building_image_triplet_model.decode import ImageReader
+from building_image_triplet_model.exit_codes import Exit
+from building_image_triplet_model.workdir import Layout
 
 
 def test_trainer_contract(reference):
     """Open the artifact as the trainer does (hdf5-contract.md) and check every name and invariant."""
-    with h5py.File(reference.output, "r") as f:
+    with h5py.File(Layout(reference).output, "r") as f:
         emb = f["backbone_embeddings"]
         n, d = emb.shape
         assert d == f.attrs["backbone_output_size"] and np.issubdtype(emb.dtype, np.floating)
@@ -63,16 +66,35 @@ def test_trainer_contract(reference):
         assert json.loads(f.attrs["settings"])["knn_k"] == reference.knn_k
 
 
+def test_every_image_row_carries_the_checksum_of_its_bytes(reference, archives):
+    with h5py.File(Layout(reference).output, "r") as f:
+        names = [n.decode() for n in f["sources/name"][:]]
+        src, path = f["images/source"][:], f["images/path"][:]
+        offset, size, checksum = f["images/offset"][:], f["images/size"][:], f["images/checksum"][:]
+    reader = ImageReader([str(archives[0] / f"{n}.tar") for n in names], [True] * len(names))
+    for i in range(0, len(src), 17):
+        data = reader.read(int(src[i]), path[i], int(offset[i]), int(size[i]))
+        assert tar_reader.checksum(data) == checksum[i]
+
+
 def test_rejects_report_lists_every_planted_item(reference, archives):
     _, summary = archives
-    lines = reference.rejects_path.read_text().splitlines()
+    layout = Layout(reference)
+    lines = layout.rejects.read_text().splitlines()
     assert lines[0] == "source\tpath\treason\tdetail"
     rows = [line.split("\t") for line in lines[1:]]
     for item in summary["planted"]:
         reasons = {r[2] for r in rows if r[0] == item["archive"] and f"/{item['stem']}." in r[1]}
         assert reasons == {item["kind"]}, item
-    stats = json.loads(reference.stats_path.read_text())
-    assert stats["rejects"]["duplicate_stem"] == 12 and stats["rejects"]["decode_error"] == 3
+    s = stats(layout)
+    assert s["rejects"]["duplicate_stem"] == 12 and s["rejects"]["decode_error"] == 3
+    # Who found what: the index the metadata problems, the decoder the images that do not decode.
+    assert s["rejects_found_by"]["decoder"] == {"decode_error": 3, "not_jpeg": 3}
+    assert (
+        "decode_error" not in s["rejects_found_by"]["index"]
+        and s["rejects_found_by"]["index"]["orphan_jpg"] == 3
+    )
+    assert summary["expected_rejects"] == s["rejects"]  # what sample_data planted, found without arithmetic
 
 
 def test_folder_input_gives_the_same_artifact(reference, archives, tmp_path):
@@ -80,74 +102,45 @@ def test_folder_input_gives_the_same_artifact(reference, archives, tmp_path):
     for tar_path in sorted(archives[0].glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             tar.extractall(extracted / tar_path.stem, filter="data")
-    cfg = config.load(tiny_config(tmp_path, extracted))
+    cfg, layout = load(tiny_config(tmp_path, extracted))
     assert pipeline.execute(cfg) == 0
-    a, b = read_artifact(reference.output), read_artifact(cfg.output)
+    a, b = read_artifact(Layout(reference).output), read_artifact(layout.output)
     assert sorted(a) == sorted(b)
     for name in a:
         if name != "images/offset":  # byte offsets exist only inside archives
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def clone_output(reference, tmp_path, archives_dir, **overrides):
-    shutil.copytree(reference.output.parent, tmp_path / "out")
-    return tiny_config(tmp_path, archives_dir, **overrides)
-
-
 def test_complete_output_is_not_redone(reference, archives, tmp_path):
-    cfg = config.load(clone_output(reference, tmp_path, archives[0]))
-    before = cfg.output.stat().st_mtime_ns
+    import shutil
+
+    shutil.copytree(Layout(reference).output.parent, tmp_path / "out")
+    cfg, layout = load(tiny_config(tmp_path, archives[0]))
+    before = layout.output.stat().st_mtime_ns
     assert pipeline.execute(cfg) == 0
-    assert cfg.output.stat().st_mtime_ns == before
-
-
-def test_other_settings_are_refused_then_fresh_restarts(reference, archives, tmp_path):
-    cfg = config.load(clone_output(reference, tmp_path, archives[0], image_size=48))
-    shard = cfg.work / "index" / "0003.npz"
-    indexed = shard.stat().st_mtime_ns
-    assert preprocess_resume.collect(cfg)["next_run"].startswith("refuse to resume: the config's settings")
-    assert pipeline.execute(cfg) == pipeline.EXIT_REFUSED
-    assert "image_size: 32 -> 48" in cfg.log_path.read_text() and "--fresh" in cfg.log_path.read_text()
-    assert pipeline.execute(cfg, fresh=True) == 0
-    assert shard.stat().st_mtime_ns == indexed  # index shards survive --fresh
-    with h5py.File(cfg.output) as f:
-        assert f.attrs["image_size"] == 48
-
-
-def test_changed_input_set_is_refused(reference, archives, tmp_path):
-    inputs = tmp_path / "in"
-    shutil.copytree(archives[0], inputs)
-    from building_image_triplet_model import sample_data
-
-    sample_data.write_archive(sample_data.Options(out=inputs, targets_per_archive=3), 3, [])
-    cfg = config.load(clone_output(reference, tmp_path, inputs))
-    assert pipeline.execute(cfg) == pipeline.EXIT_REFUSED
-    assert "added ['0012']" in cfg.log_path.read_text()
-    report = preprocess_resume.collect(cfg)
-    assert report["inputs_match"] is False and report["next_run"].startswith("refuse to resume: the input")
+    assert layout.output.stat().st_mtime_ns == before
+    assert "is complete; nothing to do" in layout.log.read_text()
 
 
 def test_input_errors(tmp_path):
-    cfg = config.load(tiny_config(tmp_path, tmp_path / "missing"))
-    assert pipeline.execute(cfg) == pipeline.EXIT_INPUT
-    assert f"{tmp_path / 'missing'}: input_dir does not exist" in cfg.log_path.read_text()
+    cfg, layout = load(tiny_config(tmp_path, tmp_path / "missing"))
+    assert pipeline.execute(cfg) == Exit.INPUT
+    assert not layout.output.parent.exists()  # refused before anything was written
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     with tarfile.open(only_bad / "0001.tar", "w") as tar:
         tar.add(__file__, arcname="0001/x.txt")
-    cfg = config.load(tiny_config(tmp_path, only_bad, name="b.yaml", hdf5_path=str(tmp_path / "b" / "b.h5")))
-    assert pipeline.execute(cfg) == pipeline.EXIT_INPUT
-    assert "no valid image/metadata pair" in cfg.log_path.read_text()
-    assert "0001/x.txt\torphan_txt" in cfg.rejects_path.read_text()
+    cfg, layout = load(tiny_config(tmp_path, only_bad, name="b.yaml", hdf5_path=str(tmp_path / "b" / "b.h5")))
+    assert pipeline.execute(cfg) == Exit.INPUT
+    assert "no valid image/metadata pair" in layout.log.read_text()
 
 
 def test_pretrained_weights_never_fall_back_to_random(archives, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    cfg = config.load(tiny_config(tmp_path, archives[0], pretrained=True))
-    assert pipeline.execute(cfg) == pipeline.EXIT_MODEL
-    assert "rather than continue with random weights" in cfg.log_path.read_text()
-    assert not cfg.output.exists() and (cfg.work / "knn" / "train" / "_SUCCESS.json").exists()
+    cfg, layout = load(tiny_config(tmp_path, archives[0], pretrained=True))
+    assert pipeline.execute(cfg) == Exit.MODEL
+    assert not layout.output.parent.exists()  # found before indexing: nothing was done or written
 
 
 def test_local_safetensors_weights_are_loaded_for_real(archives, tmp_path):
@@ -161,17 +154,21 @@ def test_local_safetensors_weights_are_loaded_for_real(archives, tmp_path):
     model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    cfg = config.load(tiny_config(tmp_path, archives[0], pretrained=True, weights_path=str(weights)))
+    cfg, layout = load(tiny_config(tmp_path, archives[0], pretrained=True, weights_path=str(weights)))
     assert pipeline.execute(cfg) == 0
-    bb = backbone.load(cfg)
-    assert bb.weights == str(weights)
-    with h5py.File(cfg.output) as f:
+    resolved = preflight.resolve(cfg)
+    assert resolved.weights_file == str(weights) and resolved.identity.weights.startswith("sha256:")
+    bb = backbone.load(cfg, resolved)
+    with h5py.File(layout.output) as f:
         row = int(f["images/valid_indices"][0])
+        src = int(f["images/source"][row])
+        name = f["sources/name"][src].decode()
         path, offset, size = f["images/path"][row], f["images/offset"][row], f["images/size"][row]
         stored = f["backbone_embeddings"][row]
-    data = ImageReader([str(archives[0] / "0003.tar")], [True]).read(0, path, int(offset), int(size))
-    pixels, _ = decode.decode(data, decode.Transform.from_data_config(bb.data_config, True))
-    mean, std = backbone.normalizer(bb)
+    data = ImageReader([str(archives[0] / f"{name}.tar")], [True]).read(0, path, int(offset), int(size))
+    pixels, _ = decode.decode(data, decode.Transform.from_identity(bb.identity))
+    mean = torch.tensor(bb.identity.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(bb.identity.std).view(1, 3, 1, 1) * 255
     x = (torch.as_tensor(pixels.copy())[None].permute(0, 3, 1, 2).float() - mean) / std
     with torch.inference_mode():
         expected = model(x)[0].numpy()
@@ -186,21 +183,47 @@ def test_transform_matches_timms_eval_transform(archives):
     from PIL import Image
     from timm.data import create_transform, resolve_model_data_config
 
-    from building_image_triplet_model import decode
+    from building_image_triplet_model import decode, identity
 
     model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0)
-    data_config = resolve_model_data_config(model)
-    data_config["input_size"] = (3, 64, 64)
+    dc = resolve_model_data_config(model)
+    dc["input_size"] = (3, 64, 64)
+    ident = identity.ModelIdentity(
+        "m",
+        "random",
+        (3, 64, 64),
+        dc["interpolation"],
+        dc["crop_pct"],
+        tuple(dc["mean"]),
+        tuple(dc["std"]),
+        False,
+        "fp32",
+        "cpu",
+        "float32",
+    )
     with tarfile.open(archives[0] / "0003.tar") as tar:
         jpg = next(m for m in tar.getmembers() if m.name.endswith("1.jpg"))
         data = tar.extractfile(jpg).read()
-    theirs = create_transform(**data_config, is_training=False)(Image.open(io.BytesIO(data)).convert("RGB"))
-    pixels, _ = decode.decode(data, decode.Transform.from_data_config(data_config, fast_decode=False))
-    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    theirs = create_transform(**dc, is_training=False)(Image.open(io.BytesIO(data)).convert("RGB"))
+    pixels, _ = decode.decode(data, decode.Transform.from_identity(ident))
+    mean = torch.tensor(dc["mean"]).view(3, 1, 1)
+    std = torch.tensor(dc["std"]).view(3, 1, 1)
     ours = (torch.as_tensor(pixels.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    fast, _ = decode.decode(data, decode.Transform.from_data_config(data_config, fast_decode=True))
+    fast, _ = decode.decode(
+        data,
+        decode.Transform.from_identity(
+            identity.ModelIdentity(
+                **{
+                    **ident.as_dict(),
+                    "input_size": (3, 64, 64),
+                    "mean": ident.mean,
+                    "std": ident.std,
+                    "fast_decode": True,
+                }
+            )
+        ),
+    )
     assert np.abs(fast.astype(int) - pixels.astype(int)).mean() < 4  # DCT-domain downscale: close
 
 
@@ -219,41 +242,32 @@ def test_fixed_size_vit_at_another_image_size(tmp_path):
             "device": "cpu",
         }
     )
-    bb = backbone.load(cfg)
-    assert bb.data_config["input_size"] == (3, 32, 32)
+    bb = backbone.load(cfg, preflight.resolve(cfg))
+    assert bb.identity.input_size == (3, 32, 32)
     with torch.inference_mode():
         assert bb.model(torch.zeros(2, 3, 32, 32)).shape == (2, bb.output_size)
 
 
-def test_resume_skips_completed_rows_without_reading_them(archives, tmp_path, monkeypatch):
-    cfg = config.load(tiny_config(tmp_path, archives[0]))
+def test_resume_embeds_only_what_is_missing_without_reading_the_rest(archives, tmp_path, monkeypatch):
+    cfg, layout = load(tiny_config(tmp_path, archives[0]))
     stop = threading.Event()
-    chunks = []
+    chunks: list[str] = []
 
-    def hooks(runner):
-        def on_chunk(work, a, b):
-            chunks.append((work.name, a, b))
-            if len(chunks) == 3:
-                stop.set()
+    def on_chunk(ctx, work):
+        chunks.append(work.name)
+        if len(chunks) == 3:
+            stop.set()
 
-        runner.on_chunk = on_chunk
+    assert pipeline.execute(cfg, stop=stop, hooks=Hooks(on_chunk=on_chunk)) == Exit.INTERRUPTED
+    from building_image_triplet_model import durable, index
 
-    assert pipeline.execute(cfg, stop=stop, hooks=hooks) == pipeline.EXIT_INTERRUPTED
-    report = preprocess_resume.collect(cfg)
-    assert report["steps"]["embed"]["status"] == "in progress" and not report["complete"]
-    assert report["next_run"].startswith("continue at embed")
-    done_offsets = set()
-    with h5py.File(tmp_path / "peek.h5", "w"):
-        pass
-    from building_image_triplet_model import index, workdir
-
-    cache = index.load_cache(cfg.work)
-    plan = workdir.read_npz(cfg.work / "plan.npz")
-    names = [n.decode() for n in cache["source_names"]]
-    for name, a, b in chunks:
-        s = names.index(name)
-        rows = plan["rows"][plan["src_start"][s] + a : plan["src_start"][s] + b]
-        done_offsets |= {(s, int(o)) for o in cache["offset"][rows]}
+    cache = index.load_cache(layout)
+    plan = durable.read_npz(layout.plan)
+    done = {}
+    for store in layout.emb_root.glob("*/*-*"):
+        rows = np.concatenate([durable.read_npz(p)["rows"] for p in store.glob("*-*.npz")])
+        done[store.name.rsplit("-", 1)[0]] = set(rows.tolist())
+    assert 0 < sum(map(len, done.values())) < len(plan["rows"])
     reads = []
     original = ImageReader.read
 
@@ -263,46 +277,20 @@ def test_resume_skips_completed_rows_without_reading_them(archives, tmp_path, mo
 
     monkeypatch.setattr(ImageReader, "read", spy)
     assert pipeline.execute(cfg) == 0
+    names = [n.decode() for n in cache["source_names"]]
+    first = np.cumsum([0] + [int((cache["source_idx"] == s).sum()) for s in range(len(names))])
+    done_offsets = {
+        (s, int(cache["offset"][first[s] + r])) for s, n in enumerate(names) for r in done.get(n, ())
+    }
     assert reads and done_offsets.isdisjoint(reads)
     assert len(reads) + len(done_offsets) == len(plan["rows"])
-
-
-def test_status_report_is_read_only_and_exit_codes(reference, archives, tmp_path):
-    cfg_path = tiny_config(tmp_path, archives[0])
-    absent = run_cli("preprocess_resume", "--config", str(cfg_path), "--json")
-    assert absent.returncode == 10, absent.stderr
-    report = json.loads(absent.stdout)
-    assert report["steps"]["index"]["status"] == "pending" and report["next_run"].startswith("start at index")
-    assert not (tmp_path / "out").exists()  # nothing created
-    done_cfg = tmp_path / "done.yaml"
-    done_cfg.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "input_dir": reference.input_dir,
-                    "hdf5_path": reference.hdf5_path,
-                    **{
-                        k: v
-                        for k, v in yaml.safe_load(cfg_path.read_text())["data"].items()
-                        if k not in ("input_dir", "hdf5_path")
-                    },
-                }
-            }
-        )
-    )
-    snapshot = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in reference.output.parent.rglob("*")}
-    done = run_cli("preprocess_resume", "--config", str(done_cfg))
-    assert done.returncode == 0, done.stderr
-    assert "[COMPLETE]" in done.stdout and "rejects: decode_error=3" in done.stdout
-    assert {
-        p: (p.stat().st_mtime_ns, p.stat().st_size) for p in reference.output.parent.rglob("*")
-    } == snapshot
-    helped = run_cli("preprocess_resume", "--help")
-    assert helped.returncode == 0 and "work remains" in helped.stdout
+    s = stats(layout)
+    assert s["images_embedded"] == len(reads) and s["images_reused"] == len(done_offsets)
 
 
 def test_processor_help_lists_exit_codes():
     out = run_cli("dataset_processor", "--help")
     assert out.returncode == 0 and "75  interrupted" in out.stdout and "--fresh" in out.stdout
+    assert "--discard-embeddings" in out.stdout and "--follow" in out.stdout
     bad = run_cli("dataset_processor", "--config", "/nonexistent.yaml")
     assert bad.returncode == 2 and "/nonexistent.yaml" in bad.stderr

@@ -208,12 +208,6 @@ def test_no_d_line(raw):
     assert reason(raw) == "no_d_line"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an integer field of more than 4300 digits makes int() raise a plain ValueError (Python's "
-    "int-string limit), not a RejectError; index._parse catches only RejectError and index_all only "
-    "InputError, so one such .txt crashes the run",
-)
 def test_huge_integer_field_is_a_reject_not_a_crash():
     with pytest.raises(RejectError) as err:
         parse_d_line(line(StreetViewID="9" * 5000))

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import REPO, assert_same_arrays, tiny_config
+from engine_helpers import REPO, assert_same_arrays, load, tiny_config
 
-from building_image_triplet_model import config, work_split
+from building_image_triplet_model import work_split
+from building_image_triplet_model.workdir import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -68,23 +69,23 @@ def test_three_workers_and_a_merge_equal_a_single_run(reference, archives, tmp_p
         env={"TASK_INDEX": "1", "TASK_COUNT": "3", "TRIPLET_FAILPOINT": "embed.chunk@3"},
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
-    published = sorted(p.name for p in (Path(run_uri) / "shards" / "emb" / "0004").glob("*.npz"))
+    published = sorted(p.name for p in (Path(run_uri) / "shards" / "emb").glob("*/0004-*/*.npz"))
     assert len(published) >= 2  # chunks reach the run folder as they are written
     # ... and loses its disk: the retried task starts on a fresh VM and restores from the run folder.
     restored_cfg = tiny_config(
-        tmp_path / "vm1b", Path(config.load(cfgs[1]).input_dir), manifest=str(manifest), num_workers=1
+        tmp_path / "vm1b", Path(load(cfgs[1])[0].input_dir), manifest=str(manifest), num_workers=1
     )
     for i, cfg in enumerate([cfgs[0], restored_cfg, cfgs[2]]):
         out = processor(cfg, "--run-uri", run_uri, "--task-index", str(i), "--task-count", "3")
         assert out.returncode == 0, out.stderr[-3000:]
-    log = config.load(restored_cfg).log_path.read_text()
+    log = load(restored_cfg)[1].log.read_text()
     assert "restored shards" in log
     # The merge: any machine, no archives, no GPU.
     merge_cfg = tiny_config(tmp_path / "merge", tmp_path / "no-archives-here", manifest=str(manifest))
     merged = processor(merge_cfg, "--merge", "--run-uri", run_uri)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert "backbone" not in merged.stderr  # the merge never loads the model
-    assert_same_arrays(reference.output, config.load(merge_cfg).output)
+    assert_same_arrays(Layout(reference).output, load(merge_cfg)[1].output)
 
 
 def test_a_worker_with_other_settings_is_refused(archives, tmp_path):
@@ -104,7 +105,9 @@ def test_a_worker_with_other_settings_is_refused(archives, tmp_path):
     )
     refused = processor(other, "--run-uri", run_uri, "--task-index", "1", "--task-count", "3")
     assert refused.returncode == 4
-    assert "refusing to join" in refused.stderr and "image_size: run has 32, this worker 48" in refused.stderr
+    assert (
+        "refusing to join" in refused.stderr and "image_size: run has 32, this process 48" in refused.stderr
+    )
     assert json.loads((Path(run_uri) / "run_settings.json").read_text()) == settings
     assert not (Path(run_uri) / "shards" / "index" / "0004.json").exists()
 

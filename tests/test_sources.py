@@ -324,11 +324,6 @@ def test_unreadable_jpg_in_a_folder_has_no_checksum(extracted):
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root reads a chmod 000 folder anyway")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a subfolder that cannot be listed makes walk() raise a bare PermissionError, not an "
-    "InputError naming it (index_all only collects InputError: the whole run crashes)",
-)
 def test_unreadable_subfolder_is_an_input_error(extracted):
     folder = extracted / "0001" / "deeper"
     folder.chmod(0)
@@ -339,11 +334,6 @@ def test_unreadable_subfolder_is_an_input_error(extracted):
         folder.chmod(0o755)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an extracted subfolder whose name is not a valid source name ('my photos') is skipped "
-    "silently, its images missing from the artifact; the same name as an archive is an InputError",
-)
 def test_subfolder_with_an_unusable_name_is_not_dropped_silently(extracted):
     (extracted / "my photos").mkdir()
     (extracted / "my photos" / "x.jpg").write_bytes(jpeg((5, 5, 5)))

@@ -7,6 +7,22 @@ from .locations import ChecksumMismatchError, CloudSyncError, ObjectInfo, crc32c
 from .objects import download_file, exists, list_objects, read_text, stat, upload_file, write_text
 from .sync import DEFAULT_EXCLUDES, DEFAULT_MARKERS, SyncResult, pull_dir, push_dir
 
-__all__ = ["DEFAULT_EXCLUDES", "DEFAULT_MARKERS", "ChecksumMismatchError", "CloudSyncError", "ObjectInfo",
-           "SyncResult", "crc32c_of_file", "download_file", "exists", "is_gcs", "list_objects", "pull_dir",
-           "push_dir", "read_text", "stat", "upload_file", "write_text"]  # fmt: skip
+__all__ = [
+    "DEFAULT_EXCLUDES",
+    "DEFAULT_MARKERS",
+    "ChecksumMismatchError",
+    "CloudSyncError",
+    "ObjectInfo",
+    "SyncResult",
+    "crc32c_of_file",
+    "download_file",
+    "exists",
+    "is_gcs",
+    "list_objects",
+    "pull_dir",
+    "push_dir",
+    "read_text",
+    "stat",
+    "upload_file",
+    "write_text",
+]

@@ -29,11 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)  # the flags push and pull share
     a = common.add_argument
-    a("--include", action="append", default=[], metavar="GLOB", help="only files matching GLOB (repeatable; "
-      "a GLOB without '/' matches any path component)")  # fmt: skip
+    a(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only files matching GLOB (repeatable; a GLOB without '/' matches any path component)",
+    )
     a("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching GLOB")
-    a("--marker", action="append", metavar="GLOB", help="commit-marker file names, sent last (default: "
-      f"{' '.join(DEFAULT_MARKERS)})")  # fmt: skip
+    a(
+        "--marker",
+        action="append",
+        metavar="GLOB",
+        help=f"commit-marker file names, sent last (default: {' '.join(DEFAULT_MARKERS)})",
+    )
     a("--no-default-excludes", action="store_true", help=f"also send {' '.join(DEFAULT_EXCLUDES)}")
     a("--jobs", type=int, default=8, help="parallel transfers (default 8)")
     a("--dry-run", action="store_true", help="only say what would be transferred")
@@ -68,9 +77,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sync(args: argparse.Namespace) -> int:
     markers = tuple(args.marker) if args.marker is not None else DEFAULT_MARKERS
-    kw: dict[str, Any] = dict(include=args.include, exclude=args.exclude, markers=markers, jobs=args.jobs,
-                              default_excludes=not args.no_default_excludes, dry_run=args.dry_run,
-                              log=_log_err if args.verbose else None)  # fmt: skip
+    kw: dict[str, Any] = dict(
+        include=args.include,
+        exclude=args.exclude,
+        markers=markers,
+        jobs=args.jobs,
+        default_excludes=not args.no_default_excludes,
+        dry_run=args.dry_run,
+        log=_log_err if args.verbose else None,
+    )
     try:
         if args.cmd == "push":
             res = push_dir(args.src, args.dest, max_size=args.max_size, delete=args.delete, **kw)

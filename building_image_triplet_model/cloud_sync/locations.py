@@ -224,8 +224,11 @@ class GCSStore:
 
     def upload(self, f: IO[bytes], key: str, size: int, mtime_ns: int, gen: int | None) -> ObjectInfo:
         blob = self.bucket.blob(key, chunk_size=_UPLOAD_CHUNK)
-        blob.metadata = {_META_MTIME: str(mtime_ns), "triplet-src-size": str(size),
-                         "goog-reserved-file-mtime": str(mtime_ns // 10**9)}  # fmt: skip  # gcloud rsync's
+        blob.metadata = {
+            _META_MTIME: str(mtime_ns),
+            "triplet-src-size": str(size),
+            "goog-reserved-file-mtime": str(mtime_ns // 10**9),  # what gcloud rsync reads as the mtime
+        }
         with _errors(self.name(key)):
             blob.upload_from_file(
                 f, size=size, checksum="crc32c", if_generation_match=gen, retry=_retry(), timeout=_TIMEOUT_S

@@ -29,8 +29,19 @@ from typing import Any
 from .locations import CloudSyncError, ObjectInfo, Store, crc32c_of_bytes, crc32c_of_file, open_location
 
 #: Never transferred (matched against the file name and every parent folder name).
-DEFAULT_EXCLUDES: tuple[str, ...] = ("*.tmp", "*.tmp.*", ".*.tmp", "*.partial", "*.part", "*.aria2",
-                                     "*.lock", "lock", "*.swp", "*~", ".nfs*")  # fmt: skip
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "*.tmp",
+    "*.tmp.*",
+    ".*.tmp",
+    "*.partial",
+    "*.part",
+    "*.aria2",
+    "*.lock",
+    "lock",
+    "*.swp",
+    "*~",
+    ".nfs*",
+)
 #: Commit markers (matched against the file name): read first, sent last. Every ``*.json`` counts: the
 #: engine's ``_SUCCESS.json`` and per-source ``index/<source>.json``, the bootstrap's ``state/<phase>.json``.
 DEFAULT_MARKERS: tuple[str, ...] = ("*.json", "_SUCCESS")

@@ -30,18 +30,23 @@ log = logging.getLogger("building_image_triplet_model.vm")  # not __name__: run 
 
 def status(paths: VMPaths) -> int:
     markers = Markers(paths.state_dir)
+    try:
+        s: dict | None = settings.load(paths.config_dir)
+    except settings.SettingError:
+        s = None
     for name in (PREFLIGHT, *PHASES, "done"):
         m = markers.get(name)
         if name == PREFLIGHT and not m:
             continue
         text = "complete" if name == "done" and m else "not yet" if name == "done" else describe(m)
+        if name == "extract" and not m and s is not None and not s["extract-archives"]:
+            # Reading the archives in place, the job never runs this phase: "pending" would never change.
+            text = "not used (the engine reads the archives in place)"
         log.info("state: %s: %s", name, text)
     pre = markers.get(PREEMPTIONS)
     if pre:
         log.info("state: preemptions: %d, stops: %d", pre.get("count", 0), pre.get("stops", 0))
-    try:
-        s = settings.load(paths.config_dir)
-    except settings.SettingError:
+    if s is None:
         return 0
     python = os.environ.get("TRIPLET_PYTHON", sys.executable)
     module = os.environ.get("TRIPLET_STATUS_MODULE", "building_image_triplet_model.preprocess_resume")

@@ -13,12 +13,14 @@ each one the moment it appears (``--follow``). A record of the size and mtime of
     python -m building_image_triplet_model.vm.downloads commit RAW_DIR OUT URI
     python -m building_image_triplet_model.vm.downloads summary MANIFEST RAW_DIR OUT.json --before N ...
 
-Exit codes: 0 ok; 1 no (not complete, a truncated download: the message says why); 2 usage or bad manifest.
+Exit codes: 0 ok; 1 no (not complete, a truncated download, or committed already by the other caller: the
+message says why); 2 usage or bad manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -73,17 +75,31 @@ def commit(raw: Path, out: str, uri: str) -> str | None:
     dest = raw / out
     if not src.is_file():
         return "nothing downloaded"
-    why = verify(src)
-    if why:
-        return why
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src, dest)  # same file system: the archive appears whole or not at all
-    durable.fsync_dir(dest.parent)
-    st = dest.stat()
-    durable.write_json(
-        record_path(raw, out),
-        {"uri": uri, "out": out, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "verified_at": utc_now()},
-    )
+    lock_path = raw / STATE / f"{out}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    # aria2c's completion hook and download_archives.sh may commit the same file at the same moment (aria2c
+    # does not wait for its hooks): one at a time, so that the record is there whenever the file is.
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not src.is_file():
+            return "already committed" if complete(raw, out)[0] else "nothing downloaded"
+        why = verify(src)
+        if why:
+            return why
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)  # same file system: the archive appears whole or not at all
+        durable.fsync_dir(dest.parent)
+        st = dest.stat()
+        durable.write_json(
+            record_path(raw, out),
+            {
+                "uri": uri,
+                "out": out,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "verified_at": utc_now(),
+            },
+        )
     return None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as engine_config
+from .. import durable
 from ..errors import BackboneError
 from ..exit_codes import Exit
 from ..progress import utc_now
@@ -31,11 +32,21 @@ def run(s: dict[str, Any], paths: VMPaths) -> int:
     from .. import preflight
 
     markers = Markers(paths.state_dir)
+    checks = int(markers.get(PREFLIGHT).get("checks", 0)) + 1
+
+    def record(status: str, **fields: Any) -> None:
+        # The whole marker each time: a pass must not keep the message of an earlier failure. ``checks``
+        # counts the checks (one per boot), which shows that a failure is not retried in a loop.
+        durable.write_json(
+            markers.path(PREFLIGHT),
+            {"status": status, "checks": checks, "checked_at": utc_now(), **fields, "updated_at": utc_now()},
+        )
+
     cfg = engine_config.load(s["engine"]["config"])
     lock = gpu_stack.lock_cuda_of(paths.repo_dir / "uv.lock")
     if cfg.device == "cpu" or (cfg.device == "auto" and not nvidia_present()):
         log.info("preflight: device %s and no GPU needed: nothing to check", cfg.device)
-        markers.update(PREFLIGHT, status="done", device="cpu", checked_at=utc_now())
+        record("done", device="cpu")
         return Exit.OK
     try:
         versions = preflight.check_cuda()
@@ -43,14 +54,7 @@ def run(s: dict[str, Any], paths: VMPaths) -> int:
         driver = preflight.driver_version()
         verdict = gpu_stack.explain(driver, lock) if driver[:1].isdigit() else "no NVIDIA driver is loaded"
         message = f"{exc}; {verdict}"
-        markers.update(
-            PREFLIGHT,
-            status="failed",
-            message=message,
-            driver=driver,
-            lock_cuda=f"{lock[0]}.{lock[1]}",
-            checked_at=utc_now(),
-        )
+        record("failed", message=message, driver=driver, lock_cuda=f"{lock[0]}.{lock[1]}")
         log.error("preflight: the GPU cannot be used: %s", message)
         return Exit.MODEL
     log.info(
@@ -61,5 +65,5 @@ def run(s: dict[str, Any], paths: VMPaths) -> int:
         versions["torch_cuda"],
         gpu_stack.explain(versions["driver"], lock),
     )
-    markers.update(PREFLIGHT, status="done", device="cuda", checked_at=utc_now(), **versions)
+    record("done", device="cuda", **versions)
     return Exit.OK

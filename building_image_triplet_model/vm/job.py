@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,15 +25,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import cloud_sync, durable, exit_codes
+from .. import durable, exit_codes
 from ..progress import utc_now
-from . import checkpoint
+from . import checkpoint, publish
 from .paths import VMPaths
 from .phases import DONE, Markers
 
 log = logging.getLogger(__name__)
 
 TERM_EXIT = 143
+
+
+def exit_status(returncode: int) -> int:
+    """Popen reports a child killed by signal N as -N; markers, logs and the job's exit use the shell's
+    128+N, so that a SIGTERM that came before the child's own handler was installed reads "interrupted"."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 class Children:
@@ -109,6 +114,7 @@ class Job:
         self.event("phase", f"phase {phase} started", phase=phase, status="running", attempt=attempt)
 
     def end(self, phase: str, code: int, summary: dict[str, Any] | None = None) -> int:
+        code = exit_status(code)
         status = self.markers.end(phase, code, summary)
         self.running.discard(phase)
         (log.warning if status == "failed" else log.info)("phase %s: %s (exit %d)", phase, status, code)
@@ -212,7 +218,7 @@ class Job:
             return code
         if self.s["mode"] != "worker" and self.should_run("finalize"):
             self.begin("finalize")
-            code, summary = self.finalize()
+            code, summary = publish.upload_artifact(self.s)
             self.end("finalize", code, summary)
             if code:
                 return code
@@ -228,7 +234,7 @@ class Job:
             self.event("done", f"run {self.s['run-id']} complete", status="done")
             log.info("done: %s complete", self.s["run-id"])
         checkpoint.push(self.s, self.paths, full=False)
-        return on_done(self.s, self.env)
+        return publish.on_done(self.s, self.env)
 
     def start_download(self) -> subprocess.Popen[bytes]:
         self.begin("download")
@@ -259,7 +265,7 @@ class Job:
             summary_path.unlink(missing_ok=True)
             code = self.start_script(script, *args, "--summary-json", str(summary_path)).wait()
             code = TERM_EXIT if self.children.stopping.is_set() else code
-            self.end(phase, code, durable.read_json(summary_path) if summary_path.exists() else None)
+            code = self.end(phase, code, durable.read_json(summary_path) if summary_path.exists() else None)
             checkpoint.push(self.s, self.paths, full=False)
             if code:
                 return code
@@ -287,10 +293,12 @@ class Job:
                     )
                     engine.send_signal(signal.SIGTERM)
             time.sleep(0.2)
-        code = engine.returncode
+        code = exit_status(engine.returncode)
+        stopped_download = False
         if download is not None and dl_code is None:
             if code != 0 and download.poll() is None:
                 download.send_signal(signal.SIGTERM)
+                stopped_download = True
             dl_code = self.end_download(download.wait() if not self.children.stopping.is_set() else TERM_EXIT)
         pushing.set()
         pusher.join()
@@ -302,10 +310,12 @@ class Job:
         if code == 0 and self.s["mode"] != "worker":
             summary = self.check_complete()
             code = 0 if summary else 1
-        self.end("preprocess", code, summary)
+        code = self.end("preprocess", code, summary)
         if code == 0:
             checkpoint.push(self.s, self.paths, full=True)  # the engine files go before the marker says done
-        if dl_code:
+        # The phase that failed first is the run's exit code: a download this job stopped because the
+        # engine had failed exits 143, which would hide the engine's reason.
+        if dl_code and not stopped_download:
             return dl_code
         return code
 
@@ -332,28 +342,6 @@ class Job:
         while not done.wait(interval):
             checkpoint.push(self.s, self.paths, full=True)
 
-    def finalize(self) -> tuple[int, dict[str, Any] | None]:
-        h5 = Path(self.s["engine"]["output"])
-        out = self.s["output-uri"].rstrip("/")
-        if not out:
-            log.warning("finalize: no output-uri (and no checkpoint-uri): the artifact stays at %s", h5)
-            return 0, {"artifact": str(h5), "uploaded": False}
-        log.info("finalize: uploading %s to %s/%s (verified by size and CRC32C)", h5, out, h5.name)
-        try:
-            info = cloud_sync.upload_file(h5, f"{out}/{h5.name}")
-            summary = {
-                "artifact_uri": f"{out}/{h5.name}",
-                "size": info.size,
-                "crc32c": cloud_sync.crc32c_of_file(h5),
-                "run_id": self.s["run-id"],
-                "finished_at": utc_now(),
-            }
-            cloud_sync.write_text(f"{out}/_SUCCESS.json", durable.dumps_json(summary))  # after the artifact
-        except (cloud_sync.CloudSyncError, OSError) as exc:
-            log.warning("finalize: upload failed: %s", exc)
-            return 1, None
-        return 0, summary
-
     def interrupted(self) -> None:
         """SIGTERM: children get their grace period, running phases are marked interrupted."""
         self.children.stopping.set()
@@ -365,59 +353,6 @@ class Job:
         self.children.terminate()
         for phase in list(self.running):
             self.markers.update(phase, status="interrupted", ended_at=utc_now(), exit_code=TERM_EXIT)
-
-
-def on_done(s: dict[str, Any], env: dict[str, str]) -> int:
-    """triplet-on-done: stop or delete this VM (through its managed group, which would recreate it)."""
-    action = s["on-done"]
-    if action == "none":
-        log.info("done: on-done=none; the VM keeps running")
-        return 0
-    from .settings import metadata_from_env
-
-    md = metadata_from_env(env)
-    if md.mode == "off":
-        log.info("done: on-done=%s, but there is no metadata server (dry run): nothing to %s", action, action)
-        return 0
-    name, zone, project = (
-        md.get("instance/name") or "",
-        (md.get("instance/zone") or "").rsplit("/", 1)[-1],
-        md.get("project/project-id") or "",
-    )
-    checks = (
-        (name, r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "instance name"),
-        (zone, r"[a-z]+-[a-z]+[0-9]+-[a-z]", "zone"),
-        (project, r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]", "project id"),
-    )
-    for value, pattern, what in checks:
-        if not re.fullmatch(pattern, value):
-            log.error("done: odd %s %r", what, value)
-            return 1
-    if s["deploy-mode"] == "mig":
-        created = md.get("instance/attributes/created-by") or ""
-        m = re.fullmatch(
-            r"projects/[^/]+/(zones|regions)/([a-z0-9-]+)/instanceGroupManagers/([a-z]([-a-z0-9]{0,61}[a-z0-9])?)",
-            created,
-        )
-        if not m:
-            log.error("done: created-by is not an instance group manager")
-            return 1
-        where = f"--{'zone' if m.group(1) == 'zones' else 'region'}={m.group(2)}"
-        verb = "stop-instances" if action == "stop" else "delete-instances"
-        cmd = ["compute", "instance-groups", "managed", verb, m.group(3), f"--instances={name}", where]
-    elif action == "stop":
-        cmd = ["compute", "instances", "stop", name, f"--zone={zone}"]
-    else:
-        cmd = ["compute", "instances", "delete", name, f"--zone={zone}", "--keep-disks=data"]
-    cmd += [f"--project={project}", "--quiet"]
-    gcloud = env.get("TRIPLET_GCLOUD", "gcloud")
-    log.info("done: on-done=%s: gcloud %s (the VM's service account)", action, " ".join(cmd))
-    base = float(env.get("TRIPLET_RETRY_BASE_S", "2"))
-    for attempt in range(5):
-        if subprocess.run([gcloud, *cmd], env=env).returncode == 0:
-            return 0
-        time.sleep(min(60.0, base * 2**attempt))
-    return 1
 
 
 def run(env: dict[str, str]) -> int:

@@ -68,7 +68,9 @@ class Markers:
         return self.get(name).get("status") == "done"
 
     def any(self) -> bool:
-        return self.dir.is_dir() and any(self.dir.glob("*.json"))
+        """A phase has run on this work disk. Only the phases count: the preflight (which runs before the
+        restore step) and a shutdown's count can be written on a new work disk before anything is restored."""
+        return any(self.path(name).exists() for name in (*PHASES, DONE))
 
 
 def describe(marker: dict[str, Any]) -> str:

@@ -126,8 +126,8 @@ def env_name(key: str) -> str:
 class Metadata:
     """Instance attributes from the GCE metadata server (or none, in dry runs and tests)."""
 
-    def __init__(self, mode: str, host: str) -> None:
-        self.mode, self.host = mode, host  # mode: required, optional, off
+    def __init__(self, mode: str, host: str, tries: int = 5) -> None:
+        self.mode, self.host, self.tries = mode, host, max(1, tries)  # mode: required, optional, off
 
     def get(self, path: str) -> str | None:
         """The value at computeMetadata/v1/<path>, None when absent (404)."""
@@ -136,7 +136,7 @@ class Metadata:
         req = urllib.request.Request(
             f"http://{self.host}/computeMetadata/v1/{path}", headers={"Metadata-Flavor": "Google"}
         )
-        for attempt in range(5):
+        for attempt in range(self.tries):
             try:
                 with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 (http to the metadata server)
                     return resp.read().decode("utf-8", "replace")
@@ -145,7 +145,7 @@ class Metadata:
                     return None
             except (urllib.error.URLError, OSError):
                 pass
-            if attempt < 4:
+            if attempt < self.tries - 1:
                 import time
 
                 time.sleep(0.5 * 2**attempt)
@@ -197,8 +197,11 @@ def resolve_all(env: Mapping[str, str], md: Metadata) -> tuple[dict[str, Any], l
 
 
 def metadata_from_env(env: Mapping[str, str]) -> Metadata:
+    tries = env.get("TRIPLET_METADATA_TRIES", "5")
     return Metadata(
-        env.get("TRIPLET_METADATA", "required"), env.get("GCE_METADATA_HOST", "metadata.google.internal")
+        env.get("TRIPLET_METADATA", "required"),
+        env.get("GCE_METADATA_HOST", "metadata.google.internal"),
+        int(tries) if tries.isdigit() else 5,
     )
 
 

@@ -269,7 +269,9 @@ main() {
     printf '%s\n' "$$" >"$TRIPLET_RUN_DIR/startup.pid"
   fi
   # The work disk may not be mounted before the disks step: log to the journal only until then.
-  if [[ "${steps[*]}" != status ]] && { [[ " ${steps[*]} " != *" disks "* ]] || is_true "${TRIPLET_SKIP_DISKS:-0}"; }; then
+  # A bake writes no log file: it would end up in the image.
+  if [[ "${steps[*]}" != status && " ${steps[*]} " != *" bake "* ]] &&
+    { [[ " ${steps[*]} " != *" disks "* ]] || is_true "${TRIPLET_SKIP_DISKS:-0}"; }; then
     mkdir -p "$TRIPLET_MOUNT_WORK"
     if [[ "${steps[*]}" == job ]]; then start_log_file job; else start_log_file startup; fi
   fi
@@ -295,11 +297,7 @@ main() {
       ops-agent) step_ops_agent ;;
       restore) run_vm restore || die "restore: the checkpoint could not be restored" ;;
       start) step_start ;;
-      bake)
-        apt-get clean
-        log "bake: the system step is done; powering off (the disk becomes the image)"
-        "$TRIPLET_SYSTEMCTL" poweroff
-        ;;
+      bake) step_bake ;;
       job) run_vm job ;;
       checkpoint) run_vm checkpoint ;;
       status) run_vm status ;;

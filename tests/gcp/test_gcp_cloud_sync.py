@@ -325,8 +325,11 @@ class FaultyProxy:
             with self._lock:
                 self.uploads.append(resp.status)
         # Resumable uploads continue at the Location the emulator names: keep them coming through here.
-        out = [(k, v.replace(self.upstream, self.url) if k.lower() == "location" else v)
-               for k, v in resp.getheaders() if k.lower() not in hop]  # fmt: skip
+        out = [
+            (k, v.replace(self.upstream, self.url) if k.lower() == "location" else v)
+            for k, v in resp.getheaders()
+            if k.lower() not in hop
+        ]
         return resp.status, out, data
 
 

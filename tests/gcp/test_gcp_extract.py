@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
+import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from engine_helpers import REPO, kill_group
 from gcp_helpers import (
     SCRIPTS,
-    add_file,
-    kill_group,
-    make_tar,
+    add_member,
+    regular_members,
     run_script,
+    sample_archives,
     script_env,
     start_script,
+    unshare_skip_reason,
     wait_group_gone,
 )
 
@@ -31,23 +34,32 @@ def files_under(root: Path) -> dict[str, bytes]:
 
 def extract(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return run_script(
-        "extract_archives.sh", "--raw-dir", str(tmp / "raw"), "--extract-dir", str(tmp / "x"), *extra,
+        "extract_archives.sh",
+        "--raw-dir",
+        str(tmp / "raw"),
+        "--extract-dir",
+        str(tmp / "x"),
+        *extra,
         env=env or script_env(tmp),
-    )  # fmt: skip
+    )
 
 
 def test_extracts_each_archive_once(tmp_path: Path) -> None:
-    a = make_tar(tmp_path / "raw" / "dataset_unaligned" / "0003.tar", "0003", n_images=3)
-    make_tar(tmp_path / "raw" / "dataset_unaligned" / "0004.tar", "0004", n_images=2)
+    a, b = sample_archives(tmp_path / "raw" / "dataset_unaligned", archives=2)
+    n_files = len(regular_members(a)) + len(regular_members(b))
     summary = tmp_path / "s.json"
     r = extract(tmp_path, "--summary-json", str(summary))
     assert r.returncode == 0, r.stderr
     s = json.loads(summary.read_text())
-    assert (s["archives"], s["extracted"], s["skipped"], s["failed"], s["files_written"]) == (2, 2, 0, 0, 10)
+    assert (s["archives"], s["extracted"], s["skipped"], s["failed"], s["files_written"]) == (
+        2,
+        2,
+        0,
+        0,
+        n_files,
+    )
     got = files_under(tmp_path / "x" / "0003")
-    with tarfile.open(a) as tf:
-        want = {m.name: tf.extractfile(m).read() for m in tf if m.isreg()}  # type: ignore[union-attr]
-    assert got == want
+    assert got == regular_members(a)
     assert (tmp_path / "x" / ".triplet-extract" / "0003.json").exists()
     assert not list((tmp_path / "x" / ".triplet-extract").glob("*.partial"))
     r = extract(tmp_path, "--summary-json", str(summary))
@@ -57,7 +69,7 @@ def test_extracts_each_archive_once(tmp_path: Path) -> None:
 
 
 def test_skip_switch(tmp_path: Path) -> None:
-    make_tar(tmp_path / "raw" / "dataset_unaligned" / "0003.tar", "0003")
+    sample_archives(tmp_path / "raw" / "dataset_unaligned", archives=1)
     r = extract(tmp_path, "--skip")
     assert r.returncode == 0
     assert "reads the archives in place" in r.stderr
@@ -67,11 +79,11 @@ def test_skip_switch(tmp_path: Path) -> None:
 def evil_archive(path: Path, kind: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        add_file(tf, "0005/ok.txt", b"fine")
+        add_member(tf, "0005/ok.txt", b"fine")
         if kind == "absolute":
-            add_file(tf, "/tmp/evil-absolute.txt", b"x")
+            add_member(tf, "/tmp/evil-absolute.txt", b"x")
         elif kind == "dotdot":
-            add_file(tf, "0005/../../evil-dotdot.txt", b"x")
+            add_member(tf, "0005/../../evil-dotdot.txt", b"x")
         elif kind in ("symlink", "symlink-abs", "hardlink"):
             info = tarfile.TarInfo("0005/link")
             info.type = {
@@ -88,7 +100,7 @@ def evil_archive(path: Path, kind: str) -> Path:
             info.type = tarfile.SYMTYPE
             info.linkname = "."  # inside, on its own...
             tf.addfile(info)
-            add_file(tf, "0005/here/x.txt", b"...but a member written through it could be redirected")
+            add_member(tf, "0005/here/x.txt", b"...but a member written through it could be redirected")
         elif kind == "device":
             info = tarfile.TarInfo("0005/dev")
             info.type = tarfile.CHRTYPE
@@ -102,7 +114,7 @@ def evil_archive(path: Path, kind: str) -> Path:
 )
 def test_unsafe_members_refuse_the_archive(tmp_path: Path, kind: str) -> None:
     evil_archive(tmp_path / "raw" / "dataset_unaligned" / "0005.tar", kind)
-    make_tar(tmp_path / "raw" / "dataset_unaligned" / "0003.tar", "0003")
+    sample_archives(tmp_path / "raw" / "dataset_unaligned", archives=1)
     r = extract(tmp_path)
     assert r.returncode == 1
     assert "refused member" in r.stderr
@@ -118,7 +130,7 @@ def test_a_symlink_inside_is_allowed(tmp_path: Path) -> None:
     p = tmp_path / "raw" / "0006.tar"
     p.parent.mkdir(parents=True)
     with tarfile.open(p, "w") as tf:
-        add_file(tf, "0006/a/real.txt", b"data")
+        add_member(tf, "0006/a/real.txt", b"data")
         info = tarfile.TarInfo("0006/b")
         info.type = tarfile.SYMTYPE
         info.linkname = "a/real.txt"
@@ -129,7 +141,7 @@ def test_a_symlink_inside_is_allowed(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_extraction_is_redone(tmp_path: Path) -> None:
-    a = make_tar(tmp_path / "raw" / "0003.tar", "0003", n_images=2)
+    (a,) = sample_archives(tmp_path / "raw", archives=1, targets=2)
     meta = tmp_path / "x" / ".triplet-extract"
     # 1) killed while extracting: a partial folder, no marker
     (meta / "0003.partial" / "0003").mkdir(parents=True)
@@ -139,17 +151,17 @@ def test_an_interrupted_extraction_is_redone(tmp_path: Path) -> None:
     (tmp_path / "x" / "0003" / "0003" / "stray.jpg").write_bytes(b"stray")
     r = extract(tmp_path)
     assert r.returncode == 0, r.stderr
-    with tarfile.open(a) as tf:
-        want = {m.name for m in tf if m.isreg()}
-    assert set(files_under(tmp_path / "x" / "0003")) == want
+    assert files_under(tmp_path / "x" / "0003") == regular_members(a)
     assert not (meta / "0003.partial").exists()
     # 3) an archive that changed after it was extracted is extracted again
-    make_tar(a, "0003", n_images=4)
+    before = regular_members(a)
+    sample_archives(tmp_path / "raw", archives=1, targets=4)
+    assert set(regular_members(a)) > set(before)
     r = extract(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert len(files_under(tmp_path / "x" / "0003")) == 8
+    assert files_under(tmp_path / "x" / "0003") == regular_members(a)
     # 4) an unfinished download (aria2c control file beside it) is not extracted
-    make_tar(tmp_path / "raw" / "0004.tar", "0004")
+    shutil.copy(a, tmp_path / "raw" / "0004.tar")
     Path(f"{tmp_path / 'raw' / '0004.tar'}.aria2").write_bytes(b"ctl")
     r = extract(tmp_path)
     assert r.returncode == 1
@@ -158,37 +170,40 @@ def test_an_interrupted_extraction_is_redone(tmp_path: Path) -> None:
 
 
 def test_killed_at_a_random_moment_then_redone(tmp_path: Path) -> None:
-    for n in ("0003", "0004", "0009"):
-        make_tar(tmp_path / "raw" / f"{n}.tar", n, n_images=20)
+    archives = sample_archives(tmp_path / "raw", archives=3, targets=8)
     env = script_env(tmp_path)
     rng = random.Random(7)
     for attempt in range(3):
         proc = start_script(
-            "extract_archives.sh", "--raw-dir", str(tmp_path / "raw"), "--extract-dir", str(tmp_path / "x"),
-            env=env, log=tmp_path / "kill.log",
-        )  # fmt: skip
+            "extract_archives.sh",
+            "--raw-dir",
+            str(tmp_path / "raw"),
+            "--extract-dir",
+            str(tmp_path / "x"),
+            env=env,
+            log=tmp_path / "kill.log",
+        )
         time.sleep(rng.uniform(0.2, 1.5))
         kill_group(proc, signal.SIGKILL if attempt % 2 == 0 else signal.SIGTERM)
         proc.wait(30)
         wait_group_gone(proc.pid)
     r = extract(tmp_path)
     assert r.returncode == 0, r.stderr
-    for n in ("0003", "0004", "0009"):
-        assert len(files_under(tmp_path / "x" / n)) == 40, n
+    for a in archives:
+        assert files_under(tmp_path / "x" / a.stem) == regular_members(a), a.name
     assert not list((tmp_path / "x" / ".triplet-extract").glob("*.partial"))
 
 
 def test_a_full_disk_fails_without_marking(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (in a private mount namespace)")
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"unshare -m not allowed: {probe.stderr.decode().strip()}")
-    make_tar(tmp_path / "raw" / "0003.tar", "0003", n_images=2, extra=os.urandom(2_000_000))
+    reason = unshare_skip_reason()
+    if reason:
+        pytest.skip(f"a small tmpfs in a private mount namespace: {reason}")
+    (a,) = sample_archives(tmp_path / "raw", archives=1, targets=8, image_size=96)
+    assert a.stat().st_size > 2 * 64 * 1024, "larger than the 64 KiB file system"
     (tmp_path / "x").mkdir()
     env = script_env(tmp_path)
     script = (
-        f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'x'} && "
+        f"mount -t tmpfs -o size=64k tmpfs {tmp_path / 'x'} && "
         f"bash {SCRIPTS / 'extract_archives.sh'} --raw-dir {tmp_path / 'raw'} "
         f"--extract-dir {tmp_path / 'x'}; "
         f"rc=$?; ls -A {tmp_path / 'x'}/.triplet-extract; exit $rc"
@@ -208,13 +223,14 @@ def test_a_full_disk_fails_without_marking(tmp_path: Path) -> None:
 def test_validator_counts(tmp_path: Path) -> None:
     p = tmp_path / "a.tar"
     with tarfile.open(p, "w") as tf:
-        add_file(tf, "d/x.jpg", b"1")
-        add_file(tf, "d/y.txt", b"2")
+        add_member(tf, "d/x.jpg", b"1")
+        add_member(tf, "d/y.txt", b"2")
         tf.addfile(tarfile.TarInfo("d/sub"), io.BytesIO())
     r = subprocess.run(
-        ["python3", str(SCRIPTS / "bootstrap_helpers.py"), "tar-validate", str(p)],
+        [sys.executable, "-m", "building_image_triplet_model.vm.extract_check", "check", str(p)],
+        cwd=REPO,
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 0
-    assert r.stdout.split() == ["3", "3"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "3"]  # regular files, members ("d/sub" is an empty regular file)

@@ -1,14 +1,20 @@
-"""Instance metadata: the real protocol on loopback; values are data, validated, never executed."""
+"""Instance metadata: the real protocol on loopback; values are data, validated, never executed, and stored
+once (``<config>/settings.json``) for every later step."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from engine_helpers import REPO
 from gcp_helpers import run_script, script_env
 from gcp_servers import MetadataServer
+
+from building_image_triplet_model.vm.settings import RENAMED
 
 
 def curl(url: str, *headers: str) -> tuple[str, str]:
@@ -39,6 +45,10 @@ def config_env(tmp: Path, md: MetadataServer, **extra: str) -> dict[str, str]:
     )
 
 
+def stored(tmp: Path) -> dict[str, Any]:
+    return json.loads((tmp / "work" / "config" / "settings.json").read_text())
+
+
 def test_config_from_metadata(tmp_path: Path, metadata_server: MetadataServer) -> None:
     metadata_server.attributes.update(
         {
@@ -46,7 +56,7 @@ def test_config_from_metadata(tmp_path: Path, metadata_server: MetadataServer) -
             "triplet-checkpoint-uri": "gs://my-ckpt-bucket/checkpoints/",
             "triplet-on-done": "stop",
             "triplet-deploy-mode": "mig",
-            "triplet-checkpoint-interval-min": "15",
+            "triplet-push-interval-min": "15",
             "triplet-extract-archives": "TRUE",
             "triplet-install-ops-agent": "FALSE",
         }
@@ -55,23 +65,50 @@ def test_config_from_metadata(tmp_path: Path, metadata_server: MetadataServer) -
     r = run_script("startup_preprocess.sh", "config", env=env)
     assert r.returncode == 0, r.stderr
     cfg = tmp_path / "work" / "config"
-    assert (cfg / "run-id").read_text() == "vm-run-7"
-    assert (cfg / "checkpoint-uri").read_text() == "gs://my-ckpt-bucket/checkpoints"
-    assert (cfg / "output-uri").read_text() == "gs://my-ckpt-bucket/checkpoints/vm-run-7/artifact"
-    assert (cfg / "on-done").read_text() == "stop"
-    assert (cfg / "deploy-mode").read_text() == "mig"
-    assert (cfg / "checkpoint-interval-s").read_text() == "900"
-    assert (cfg / "extract-archives").read_text() == "true"
-    assert (cfg / "repo-ref").read_text() == "gcp"
+    s = stored(tmp_path)
+    assert s["run-id"] == "vm-run-7"
+    assert s["checkpoint-uri"] == "gs://my-ckpt-bucket/checkpoints"
+    assert s["output-uri"] == "gs://my-ckpt-bucket/checkpoints/vm-run-7/artifact"
+    assert s["on-done"] == "stop"
+    assert s["deploy-mode"] == "mig"
+    assert (s["push-interval-min"], s["push-interval-s"]) == (15, 900)
+    assert s["extract-archives"] is True
+    assert s["install-ops-agent"] is False
+    assert s["repo-ref"] == "gcp"
     assert (cfg / "manifest.txt").read_text().startswith("https://datasets.epfl.ch/")
     data = yaml.safe_load((cfg / "preprocess.yaml").read_text())["data"]
     assert data["input_dir"] == str(tmp_path / "raw" / "extracted")
     assert data["hdf5_path"] == str(tmp_path / "work" / "output" / "dataset.h5")
+    assert data["manifest"] == str(cfg / "manifest.txt")
+    assert s["engine"]["config"] == str(cfg / "preprocess.yaml")
+    # Later steps read the stored settings, not the metadata server.
+    n = len(metadata_server.requests)
+    got = subprocess.run(
+        ["bash", "-c", 'source gcp/scripts/lib.sh; vm vm get on-done; vm vm get extract-archives'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["stop", "true"]
+    assert len(metadata_server.requests) == n
     # Without the attribute the run id is the instance name.
     del metadata_server.attributes["triplet-run-id"]
     r = run_script("startup_preprocess.sh", "config", env=env)
     assert r.returncode == 0, r.stderr
-    assert (cfg / "run-id").read_text() == "preprocess-vm"
+    assert stored(tmp_path)["run-id"] == "preprocess-vm"
+
+
+def test_the_old_push_interval_key_is_still_read(tmp_path: Path, metadata_server: MetadataServer) -> None:
+    """checkpoint-interval-min was renamed push-interval-min: a VM made from an older template still runs."""
+    metadata_server.attributes["triplet-checkpoint-interval-min"] = "7"
+    r = run_script("startup_preprocess.sh", "config", env=config_env(tmp_path, metadata_server))
+    assert r.returncode == 0, r.stderr
+    assert "setting 'checkpoint-interval-min' is now called 'push-interval-min'" in r.stderr
+    assert stored(tmp_path)["push-interval-s"] == 420
+    # The environment's seconds (dry runs, tests) win over both.
+    env = config_env(tmp_path, metadata_server, TRIPLET_PUSH_INTERVAL_S="5")
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode == 0, r.stderr
+    assert stored(tmp_path)["push-interval-s"] == 5
 
 
 PWN = "/tmp/triplet-pwned-{tag}"
@@ -88,7 +125,8 @@ NASTY = [
     ("repo-url", "https://example.com/x.git --upload-pack=touch {pwn}"),
     ("on-done", "stop\n$(touch {pwn})"),
     ("deploy-mode", "mig`touch {pwn}`"),
-    ("checkpoint-interval-min", "$((1+1))"),
+    ("push-interval-min", "$((1+1))"),
+    ("checkpoint-interval-min", "15; touch {pwn}"),
     ("mode", "worker;touch {pwn}"),
     ("preprocess-config-uri", "gs://b/$(touch {pwn}).yaml"),
     ("extract-archives", "true`touch {pwn}`"),
@@ -108,8 +146,11 @@ def test_shell_syntax_in_metadata_is_never_executed(
     env.pop(f"TRIPLET_{key.upper().replace('-', '_')}", None)  # the environment would win over metadata
     r = run_script("startup_preprocess.sh", "config", env=env)
     assert r.returncode != 0
-    assert f"setting '{key}' from metadata (triplet-{key}) is invalid" in r.stderr
+    setting = RENAMED.get(key, key)
+    # "... is invalid (<value>): <what is accepted>", or "...: control characters are not allowed"
+    assert f"setting '{setting}' from metadata triplet-{key}" in r.stderr
     assert not pwn.exists(), f"{value!r} was executed"
+    assert not (tmp_path / "work" / "config" / "settings.json").exists(), "nothing is stored"
 
 
 def test_a_yaml_full_of_shell_syntax_is_only_data(tmp_path: Path, metadata_server: MetadataServer) -> None:
@@ -154,4 +195,6 @@ def test_an_unreachable_metadata_server_is_a_clear_error(tmp_path: Path) -> None
     )
     r = run_script("startup_preprocess.sh", "config", env=env)
     assert r.returncode != 0
-    assert "metadata server http://127.0.0.1:9 unreachable while reading 'triplet-mode'" in r.stderr
+    assert "metadata server http://127.0.0.1:9 is unreachable (reading instance/attributes/triplet-mode)" in (
+        r.stderr
+    )

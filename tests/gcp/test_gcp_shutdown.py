@@ -23,20 +23,23 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 @pytest.fixture
 def vm(tmp_path: Path, metadata_server: MetadataServer) -> dict[str, object]:
-    """A work disk with state and config, a running stand-in job, a systemctl that says the system runs."""
+    """A work disk with state and the settings the config step stored, a running stand-in job, a systemctl
+    that says the system runs."""
     work = tmp_path / "work"
+    config = run_script(
+        "startup_preprocess.sh", "config",
+        env=script_env(tmp_path, TRIPLET_RUN_ID="run-1", TRIPLET_CHECKPOINT_URI=str(tmp_path / "bucket"),
+                       TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml"),
+    )  # fmt: skip
+    assert config.returncode == 0, config.stderr
     (work / "state").mkdir(parents=True)
-    (work / "logs").mkdir()
-    (work / "config").mkdir()
     (work / "state" / "preprocess.json").write_text(json.dumps({"status": "running", "attempts": 1}))
-    (work / "config" / "checkpoint-uri").write_text(str(tmp_path / "bucket"))
-    (work / "config" / "run-id").write_text("run-1")
     job_script = tmp_path / "startup_preprocess_standin.sh"
     job_script.write_text(
         f"trap 'echo \"$(date +%s)\" > {tmp_path}/got-term; exit 143' TERM\nwhile :; do sleep 0.1; done\n"
     )
     job = subprocess.Popen(["bash", str(job_script)], start_new_session=True)
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "job.pid").write_text(f"{job.pid}\n")
     state = tmp_path / "system-state"
     state.write_text("running")
@@ -70,6 +73,8 @@ def test_on_a_live_vm_nothing_changes(tmp_path: Path, vm: dict) -> None:
 
 def test_preemption_stops_the_job_counts_and_pushes(tmp_path: Path, vm: dict) -> None:
     vm["md"].values["instance/preempted"] = "TRUE"
+    # The shutdown reads the settings the config step stored, not the metadata server's current values.
+    vm["md"].attributes["triplet-checkpoint-uri"] = "gs://elsewhere-bucket/checkpoints"
     r = run_script("shutdown_preprocess.sh", env=vm["env"])
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "got-term").exists()
@@ -104,7 +109,13 @@ def test_no_work_disk_no_trouble(tmp_path: Path, metadata_server: MetadataServer
     env = script_env(tmp_path, TRIPLET_METADATA="required", GCE_METADATA_HOST=metadata_server.host)
     r = run_script("shutdown_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
-    assert "nothing to push" in r.stderr
+    assert "no work disk or environment here: nothing to push" in r.stderr
+    # A work disk on which the config step never ran: counted, nothing to push.
+    (tmp_path / "work" / "state").mkdir(parents=True)
+    r = run_script("shutdown_preprocess.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint location configured: nothing to push" in r.stderr
+    assert json.loads((tmp_path / "work" / "state" / "preemptions.json").read_text())["count"] == 1
 
 
 def test_run_alone_from_metadata(tmp_path: Path, vm: dict) -> None:

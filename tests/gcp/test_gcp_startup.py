@@ -1,32 +1,48 @@
-"""The startup flow in direct mode with a fast stand-in engine: phases and markers, checkpoints to a local
+"""The startup flow in direct mode with a fast stand-in engine: phases and markers, the download and the
+engine at the same time (the stand-in follows the archive folder as the real engine does), pushes to a local
 folder and to the Cloud Storage emulator, restore onto a fresh work disk, finalize, on-done, the systemd
-path, the repository step and the stage-0 bootstrap from metadata."""
+path, the repository step and the stage-0 bootstrap from a lone copy of the script."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from gcp_helpers import REPO, SCRIPTS, Emulator, make_tar, run_script, script_env
+from engine_helpers import REPO, kill_group
+from gcp_helpers import (
+    FAKE_ENGINE,
+    SCRIPTS,
+    Emulator,
+    marker,
+    regular_members,
+    run_script,
+    sample_archives,
+    script_env,
+    start_script,
+    write_manifest,
+)
 from gcp_servers import MetadataServer
 
 from building_image_triplet_model.cloud_sync import crc32c_of_file
-
-FAKE = Path(__file__).resolve().parent / "fake_engine"
+from building_image_triplet_model.vm.fileserver import RangeServer
 
 
 def flow_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """Archives served by file:// entries, the stand-in engine, checkpoints into a local 'bucket'."""
-    for n in ("0003", "0004"):
-        if not (tmp / "src" / f"{n}.tar").exists():
-            make_tar(tmp / "src" / f"{n}.tar", n, n_images=2)
-    (tmp / "manifest.txt").write_text(
-        "".join(f"file://{tmp}/src/{n}.tar\n\tout=dataset_unaligned/{n}.tar\n" for n in ("0003", "0004"))
+    """Archives served by file:// entries, the stand-in engine, pushes into a local 'bucket'."""
+    src = tmp / "src"
+    if not src.is_dir():
+        sample_archives(src, archives=2)  # 0003.tar, 0004.tar
+    write_manifest(
+        tmp / "manifest.txt",
+        [(f"file://{p}", f"dataset_unaligned/{p.name}") for p in sorted(src.glob("*.tar"))],
     )
     env = script_env(
         tmp,
@@ -36,16 +52,12 @@ def flow_env(tmp: Path, **extra: str) -> dict[str, str]:
         TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml",
         TRIPLET_PROCESSOR_MODULE="fake_processor",
         TRIPLET_STATUS_MODULE="fake_status",
-        TRIPLET_CHECKPOINT_INTERVAL_S="1",
-        PYTHONPATH=str(FAKE),
+        TRIPLET_PUSH_INTERVAL_S="1",
+        PYTHONPATH=str(FAKE_ENGINE),
         FAKE_ENGINE_STARTS=str(tmp / "starts.txt"),
     )
     env.update(extra)
     return env
-
-
-def marker(tmp: Path, phase: str) -> dict:
-    return json.loads((tmp / "work" / "state" / f"{phase}.json").read_text())
 
 
 def test_full_flow_then_every_phase_is_skipped(tmp_path: Path) -> None:
@@ -55,14 +67,15 @@ def test_full_flow_then_every_phase_is_skipped(tmp_path: Path) -> None:
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
     for phase in ("download", "extract", "preprocess", "finalize", "done"):
-        m = marker(tmp_path, phase)
+        m = marker(tmp_path / "work", phase)
         assert m["status"] == "done", (phase, m)
-    d = marker(tmp_path, "download")
+    d = marker(tmp_path / "work", "download")
     assert (d["attempts"], d["summary"]["entries"], d["summary"]["downloaded"]) == (1, 2, 2)
     assert d["started_at"].endswith("Z")
     assert d["ended_at"].endswith("Z")
     assert d["run_id"] == "run-1"
-    assert marker(tmp_path, "extract")["summary"]["files_written"] == 8
+    n_files = sum(len(regular_members(p)) for p in (tmp_path / "src").glob("*.tar"))
+    assert marker(tmp_path / "work", "extract")["summary"]["files_written"] == n_files
     h5 = tmp_path / "work" / "output" / "dataset.h5"
     bucket = tmp_path / "bucket" / "run-1"
     # The artifact, verified, with its commit marker beside it.
@@ -70,7 +83,7 @@ def test_full_flow_then_every_phase_is_skipped(tmp_path: Path) -> None:
     ok = json.loads((bucket / "artifact" / "_SUCCESS.json").read_text())
     assert ok["size"] == h5.stat().st_size
     assert ok["crc32c"] == crc32c_of_file(h5)
-    assert marker(tmp_path, "done")["finalize"]["summary"]["crc32c"] == ok["crc32c"]
+    assert marker(tmp_path / "work", "done")["finalize"]["summary"]["crc32c"] == ok["crc32c"]
     # The checkpoint: engine work folder (no temporary or lock files), logs, state.
     assert (bucket / "output" / "dataset.work" / "emb" / "0001" / "_SUCCESS.json").exists()
     assert not (bucket / "output" / "dataset.work" / "lock").exists()
@@ -89,26 +102,27 @@ def test_full_flow_then_every_phase_is_skipped(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for phase in ("download", "extract", "preprocess", "finalize"):
         assert f"phase {phase}: done (attempts 1); skipping" in r.stderr
-        assert marker(tmp_path, phase)["attempts"] == 1
+        assert marker(tmp_path / "work", phase)["attempts"] == 1
     assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1, "the engine did not run again"
 
 
 def test_engine_exit_codes_are_recorded(tmp_path: Path) -> None:
-    env = flow_env(tmp_path, FAKE_ENGINE_EXIT="4")
+    # With extraction the phases run one after the other: the download is done before the engine starts.
+    env = flow_env(tmp_path, FAKE_ENGINE_EXIT="4", TRIPLET_EXTRACT_ARCHIVES="true")
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 4
-    assert "resume refused (exit 4)" in r.stderr
-    m = marker(tmp_path, "preprocess")
+    assert "preprocess: refused (exit 4)" in r.stderr
+    m = marker(tmp_path / "work", "preprocess")
     assert (m["status"], m["exit_code"], m["attempts"]) == ("failed", 4, 1)
     env["FAKE_ENGINE_EXIT"] = "75"
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 75
-    m = marker(tmp_path, "preprocess")
+    m = marker(tmp_path / "work", "preprocess")
     assert (m["status"], m["exit_code"], m["attempts"]) == ("interrupted", 75, 2)
-    assert marker(tmp_path, "download")["attempts"] == 1
+    assert marker(tmp_path / "work", "download")["attempts"] == 1
     del env["FAKE_ENGINE_EXIT"]
     assert run_script("startup_preprocess.sh", env=env).returncode == 0
-    assert marker(tmp_path, "preprocess")["attempts"] == 3
+    assert marker(tmp_path / "work", "preprocess")["attempts"] == 3
 
 
 def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
@@ -118,7 +132,7 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     env = flow_env(
         tmp_path,
         TRIPLET_CHECKPOINT_URI=f"gs://{name}/checkpoints",
-        TRIPLET_CHECKPOINT_INTERVAL_S="1800",
+        TRIPLET_PUSH_INTERVAL_S="1800",
         **gcs_emulator.env(),
     )
     r = run_script("startup_preprocess.sh", env=env)
@@ -128,11 +142,28 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     assert "checkpoints/run-1/state/done.json" in objs
     assert "checkpoints/run-1/output/dataset.work/emb/0001/0-10.npz" in objs
 
-    # Incremental: a second checkpoint sends nothing (the logs aside: they grow with every run).
+    # Incremental: a second push sends only logs (its own, and the end of the last run's, written after that
+    # run's final push), and says so in one line.
+    before = {n: b.generation for n, b in gcs_emulator.objects(name, "checkpoints/run-1/").items()}
     r = run_script("startup_preprocess.sh", "checkpoint", env=env)
     assert r.returncode == 0, r.stderr
-    assert "/run-1/output: 0 transferred" in r.stderr  # engine files
-    assert "/run-1/state: 0 transferred" in r.stderr  # markers
+    after = {n: b.generation for n, b in gcs_emulator.objects(name, "checkpoints/run-1/").items()}
+    sent = sorted(n for n in after if before.get(n) != after[n])
+    assert sent, "this step's own log is new"
+    assert all(n.startswith("checkpoints/run-1/logs/") for n in sent), sent
+    pushed = [line for line in r.stderr.splitlines() if " pushed " in line]
+    assert len(pushed) == 1, pushed
+    assert f"pushed {len(sent)} files (0.0 MB) to gs://{name}/checkpoints/run-1" in pushed[0]
+    # Nothing new at all: no line. (A push run without a log file of its own: the step's own "pushed" line
+    # above went into its log after that push, so the first of these still sends that log.)
+    for _ in range(2):
+        direct = subprocess.run(
+            [sys.executable, "-m", "building_image_triplet_model.vm", "checkpoint"],
+            cwd=REPO, env={k: v for k, v in env.items() if k != "TRIPLET_LOG_FILE"},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert direct.returncode == 0, direct.stderr
+    assert " pushed " not in direct.stderr
 
     # A new work disk: nothing local. The bucket has state: restore it, then continue.
     old_work = tmp_path / "work"
@@ -146,8 +177,8 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     after = {p.relative_to(old_work).as_posix(): p.read_bytes()
              for p in (old_work / "output" / "dataset.work").rglob("*") if p.is_file()}  # fmt: skip
     assert after == before
-    assert marker(tmp_path, "preprocess")["status"] == "done"
-    assert marker(tmp_path, "done")["status"] == "done"
+    assert marker(tmp_path / "work", "preprocess")["status"] == "done"
+    assert marker(tmp_path / "work", "done")["status"] == "done"
     # The whole flow now skips everything it can (the raw disk still has the archives).
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
@@ -155,6 +186,15 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     assert "phase download: done (attempts 1); skipping" in r.stderr
     assert "phase finalize: done (attempts 1); skipping" in r.stderr
     assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1
+
+    # A whole boot onto another new work disk: the preflight writes state/preflight.json before the restore
+    # step, and that must not pass for "this disk has state".
+    shutil.rmtree(old_work)
+    r = run_script("startup_preprocess.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "restoring it" in r.stderr
+    assert "phase preprocess: done (attempts 1); skipping" in r.stderr
+    assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1, "the engine did not start over"
 
 
 def test_a_new_raw_disk_downloads_again(tmp_path: Path) -> None:
@@ -164,8 +204,15 @@ def test_a_new_raw_disk_downloads_again(tmp_path: Path) -> None:
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
     assert "phase download: marked done but its output is not there any more" in r.stderr
-    assert marker(tmp_path, "download")["attempts"] == 2
+    assert marker(tmp_path / "work", "download")["attempts"] == 2
     assert (tmp_path / "raw" / "dataset_unaligned" / "0004.tar").exists()
+    r = run_script("startup_preprocess.sh", "status", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "state: download: done after 2 attempts" in r.stderr
+    assert "state: extract: not used (the engine reads the archives in place)" in r.stderr
+    assert "state: preprocess: done after 1 attempt" in r.stderr
+    assert "state: done: complete" in r.stderr
+    assert "complete: True" in r.stdout  # the engine's report (here its stand-in's)
 
 
 def test_scale_out_worker_and_merge_modes(tmp_path: Path) -> None:
@@ -176,8 +223,10 @@ def test_scale_out_worker_and_merge_modes(tmp_path: Path) -> None:
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "raw" / "dataset_unaligned").iterdir()) == ["0004.tar"]
+    assert "0003.tar" not in (tmp_path / "work" / "config" / "manifest.task.txt").read_text()
     start = (tmp_path / "starts.txt").read_text().splitlines()[-1]
-    assert start.endswith(f"--task-index 1 --task-count 2 --run-uri {tmp_path / 'bucket' / 'run-1'}")
+    # The engine follows the archive folder while the download runs (no extraction).
+    assert start.endswith(f"--task-index 1 --task-count 2 --run-uri {tmp_path / 'bucket' / 'run-1'} --follow")
     task_dir = tmp_path / "bucket" / "run-1" / "tasks" / "1-of-2"
     assert json.loads((task_dir / "state" / "done.json").read_text())["mode"] == "worker"
     assert not (tmp_path / "work" / "state" / "finalize.json").exists()
@@ -306,7 +355,7 @@ def test_systemd_mode_starts_the_job_as_its_own_unit(tmp_path: Path) -> None:
     assert f"--setenv=TRIPLET_RUN_DIR={tmp_path / 'run'}" in args
     assert args[-2:] == [str(SCRIPTS / "startup_preprocess.sh"), "job"]
     assert not any(a.startswith("--setenv=TRIPLET_LOCK") for a in args)
-    assert marker(tmp_path, "done")["status"] == "done"
+    assert marker(tmp_path / "work", "done")["status"] == "done"
     assert list((tmp_path / "work" / "logs").glob("*-job.log"))
 
 
@@ -318,10 +367,15 @@ def git(*args: str, cwd: Path) -> str:
 
 @pytest.fixture
 def origin(tmp_path: Path) -> Path:
-    """A repository with the bootstrap scripts on branch gcp."""
+    """A repository with the bootstrap (its scripts and the package they call) on branch gcp."""
     src = tmp_path / "origin"
     (src / "gcp").mkdir(parents=True)
     shutil.copytree(SCRIPTS, src / "gcp" / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "building_image_triplet_model",
+        src / "building_image_triplet_model",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     git("init", "-q", "-b", "gcp", cwd=src)
     git("add", "-A", cwd=src)
     git("commit", "-q", "-m", "scripts", cwd=src)
@@ -354,50 +408,30 @@ def test_repo_step_clones_then_fast_forwards(tmp_path: Path, origin: Path) -> No
 
 
 def test_stage0_runs_from_a_lone_copy_of_the_script(tmp_path: Path, origin: Path) -> None:
-    """As the guest agent runs it: the script alone in a folder; it fetches the repository, runs its copy."""
+    """As the guest agent runs it: the script alone in a folder; it clones the repository onto the boot disk
+    and runs that copy; at the next boot it updates the copy first."""
     lone = tmp_path / "guest-agent" / "startup-script"
     lone.parent.mkdir()
     shutil.copy(SCRIPTS / "startup_preprocess.sh", lone)
-    env = script_env(
-        tmp_path, TRIPLET_REPO_URL=f"file://{origin}", TRIPLET_BOOTSTRAP_DIR=str(tmp_path / "boot")
-    )
+    boot = tmp_path / "boot"
+    env = script_env(tmp_path, TRIPLET_REPO_URL=f"file://{origin}", TRIPLET_BOOTSTRAP_DIR=str(boot))
     env["GCE_METADATA_HOST"] = "127.0.0.1:9"  # nothing there: repo-ref takes its default at once
     r = subprocess.run(["bash", str(lone), "paths"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert f"SELF={tmp_path / 'boot' / 'gcp' / 'scripts' / 'startup_preprocess.sh'}" in r.stdout
-    env["TRIPLET_REPO_URL"] = "https://example.com/x.git; touch /tmp/never"
+    assert f"SELF={boot / 'gcp' / 'scripts' / 'startup_preprocess.sh'}" in r.stdout
+    assert git("rev-parse", "HEAD", cwd=boot) == git("rev-parse", "HEAD", cwd=origin)
+    (origin / "NEW").write_text("x")
+    git("add", "NEW", cwd=origin)
+    git("commit", "-q", "-m", "new", cwd=origin)
     r = subprocess.run(["bash", str(lone), "paths"], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
-    assert "neither triplet-scripts-uri nor a valid triplet-repo-url" in r.stderr
-
-
-@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud not installed")
-def test_stage0_copies_the_scripts_from_the_bucket(tmp_path: Path, gcs_emulator: Emulator) -> None:
-    """startup-script-url hands the guest agent this one file; triplet-scripts-uri holds the rest (the real
-    gcloud storage cp, against the emulator)."""
-    from building_image_triplet_model import cloud_sync
-
-    name = gcs_emulator.new_bucket()
-    for f in SCRIPTS.iterdir():
-        if f.is_file():
-            cloud_sync.upload_file(f, f"gs://{name}/startup/{f.name}")
-    lone = tmp_path / "guest-agent" / "startup-script"
-    lone.parent.mkdir()
-    shutil.copy(SCRIPTS / "startup_preprocess.sh", lone)
-    env = script_env(
-        tmp_path,
-        TRIPLET_SCRIPTS_URI=f"gs://{name}/startup/",
-        TRIPLET_BOOTSTRAP_DIR=str(tmp_path / "boot"),
-        CLOUDSDK_CONFIG=str(tmp_path / "gcloud-config"),
-        CLOUDSDK_AUTH_DISABLE_CREDENTIALS="true",
-        CLOUDSDK_CORE_PROJECT="test-project",
-        CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE=f"{gcs_emulator.url}/storage/v1/",
-    )
-    r = subprocess.run(["bash", str(lone), "paths"], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert f"SELF={tmp_path / 'boot' / 'startup_preprocess.sh'}" in r.stdout
-    assert (tmp_path / "boot" / "lib.sh").exists()
-    assert (tmp_path / "boot" / "bootstrap_helpers.py").exists()
+    assert git("rev-parse", "HEAD", cwd=boot) == git("rev-parse", "HEAD", cwd=origin)
+    for bad in ("https://example.com/x.git; touch /tmp/never", "--upload-pack=touch /tmp/never", ""):
+        env["TRIPLET_REPO_URL"] = bad
+        r = subprocess.run(["bash", str(lone), "paths"], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, bad
+        assert "no valid triplet-repo-url" in r.stderr
+    assert not Path("/tmp/never").exists()
 
 
 def test_apt_components_enable_non_free(tmp_path: Path) -> None:
@@ -416,8 +450,9 @@ def test_apt_components_enable_non_free(tmp_path: Path) -> None:
         "# deb http://deb.debian.org/debian bookworm-backports main\n"
         "deb [arch=amd64] https://packages.cloud.google.com/apt google-compute-engine-bookworm-stable main\n"
     )
-    helper = ["python3", str(SCRIPTS / "bootstrap_helpers.py"), "apt-components"]
-    r = subprocess.run([*helper, str(deb822), str(legacy)], capture_output=True, text=True)
+    # As system.sh runs it: Debian's python3, before the project's environment exists.
+    helper = ["python3", "-m", "building_image_triplet_model.vm.apt_sources"]
+    r = subprocess.run([*helper, str(deb822), str(legacy)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     text = deb822.read_text()
     assert text.count("Components: main contrib non-free non-free-firmware") == 2
@@ -428,7 +463,7 @@ def test_apt_components_enable_non_free(tmp_path: Path) -> None:
     assert lines[1].endswith("backports main")
     assert lines[2].endswith("stable main")
     # Idempotent.
-    r = subprocess.run([*helper, str(deb822), str(legacy)], capture_output=True, text=True)
+    r = subprocess.run([*helper, str(deb822), str(legacy)], cwd=REPO, capture_output=True, text=True)
     assert r.stdout.strip() == "0"
 
 
@@ -440,3 +475,106 @@ def test_help_and_unknown_steps() -> None:
         assert "TRIPLET_" in r.stdout or "--" in r.stdout
     r = run_script("startup_preprocess.sh", "bogus", env=env)
     assert r.returncode == 2
+
+
+# ------------------------------------------------------------------------- download and engine at once
+def http_flow_env(tmp: Path, server: RangeServer, names: list[str], **extra: str) -> dict[str, str]:
+    """flow_env, the archives downloaded by aria2c from ``server``, one at a time."""
+    m = write_manifest(tmp / "http.txt", [(f"{server.url}/{n}", f"dataset_unaligned/{n}") for n in names])
+    return flow_env(tmp, TRIPLET_ARIA2_JOBS="1", TRIPLET_MANIFEST_URI=str(m), **extra)
+
+
+def test_an_engine_that_fails_at_once_is_not_hidden_by_the_download(
+    tmp_path: Path, range_server: RangeServer
+) -> None:
+    """The engine fails while the archives still download: the job stops the download and exits with the
+    engine's code (a download it stopped itself exits 143, which is not the reason)."""
+    archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
+    range_server.rate = archives[0].stat().st_size // 4  # ~8 s for both: still running when the engine fails
+    env = http_flow_env(tmp_path, range_server, [a.name for a in archives], FAKE_ENGINE_EXIT="4")
+    r = run_script("startup_preprocess.sh", env=env)
+    assert r.returncode == 4, r.stderr[-3000:]
+    work = tmp_path / "work"
+    assert (marker(work, "preprocess")["status"], marker(work, "preprocess")["exit_code"]) == ("failed", 4)
+    assert (marker(work, "download")["status"], marker(work, "download")["exit_code"]) == ("interrupted", 143)
+    assert "--follow" in (tmp_path / "starts.txt").read_text()
+    assert not (tmp_path / "work" / "state" / "done.json").exists()
+
+
+def test_a_truncated_download_fails_the_phase_and_never_reaches_the_engine(
+    tmp_path: Path, range_server: RangeServer
+) -> None:
+    """The server holds half of one tar: aria2c calls it finished, the strict tar reader does not. It never
+    appears in the archive folder (so the engine, following that folder, never sees it), the download phase
+    fails naming the URL, and the engine is stopped with its progress kept."""
+    good, cut = sample_archives(tmp_path / "archives", archives=2)
+    shutil.copy(good, range_server.root)
+    data = cut.read_bytes()
+    (range_server.root / cut.name).write_bytes(data[: len(data) // 2])
+    env = http_flow_env(tmp_path, range_server, [good.name, cut.name])
+    r = run_script("startup_preprocess.sh", env=env)
+    url = f"{range_server.url}/{cut.name}"
+    assert r.returncode == 1, r.stderr[-3000:]
+    work, archive_dir = tmp_path / "work", tmp_path / "raw" / "dataset_unaligned"
+    d = marker(work, "download")
+    assert (d["status"], d["exit_code"]) == ("failed", 1)
+    assert d["summary"]["missing"] == [url]
+    assert f"download failed: 1 of 2 entries missing: {url}" in r.stderr
+    assert "not a complete tar" in r.stderr
+    assert sorted(p.name for p in archive_dir.iterdir()) == [good.name]
+    p = marker(work, "preprocess")
+    assert (p["status"], p["exit_code"]) == ("interrupted", 75), "the engine was stopped, not failed"
+    assert "download failed (exit 1): stopping the engine" in r.stderr
+
+
+def test_a_preemption_while_both_run_resumes_both(
+    tmp_path: Path, range_server: RangeServer, metadata_server: MetadataServer
+) -> None:
+    """SIGTERM to the whole job (systemd stopping the unit) and the shutdown script while the download and
+    the engine both run: both phases are marked interrupted, the preemption is counted with its phase, and
+    the next boot resumes the partial download with a Range request and completes both."""
+    archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
+    range_server.rate = archives[0].stat().st_size // 2  # ~2 s per archive, one at a time
+    env = http_flow_env(
+        tmp_path, range_server, [a.name for a in archives],
+        TRIPLET_METADATA="required", GCE_METADATA_HOST=metadata_server.host,
+    )  # fmt: skip
+    work, archive_dir = tmp_path / "work", tmp_path / "raw" / "dataset_unaligned"
+    part = tmp_path / "raw" / ".triplet-downloads" / "partial" / "dataset_unaligned" / archives[1].name
+    proc = start_script("startup_preprocess.sh", env=env, log=tmp_path / "first-boot.log")
+    try:
+        deadline = time.monotonic() + 120
+        while not ((archive_dir / archives[0].name).exists() and part.exists() and part.stat().st_size > 0):
+            running = time.monotonic() < deadline and proc.poll() is None
+            assert running, (tmp_path / "first-boot.log").read_text()
+            time.sleep(0.05)
+        time.sleep(1.2)  # aria2c saves its control file every second
+        assert marker(work, "download")["status"] == marker(work, "preprocess")["status"] == "running"
+        kill_group(proc, signal.SIGTERM)
+        metadata_server.values["instance/preempted"] = "TRUE"
+        sd = run_script("shutdown_preprocess.sh", env=env)
+        assert sd.returncode == 0, sd.stderr
+        assert proc.wait(30) == 143
+    finally:
+        kill_group(proc, signal.SIGKILL)
+        proc.wait(30)
+    assert (marker(work, "download")["status"], marker(work, "preprocess")["status"]) == (
+        "interrupted", "interrupted",
+    )  # fmt: skip
+    events = marker(work, "preemptions")["events"]
+    assert (marker(work, "preemptions")["count"], events[-1]["phase"]) == (1, "preprocess")
+    assert not (archive_dir / archives[1].name).exists()
+
+    metadata_server.values["instance/preempted"] = "FALSE"
+    range_server.rate = None
+    n_before = len(range_server.requests)
+    r = run_script("startup_preprocess.sh", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (marker(work, "download")["attempts"], marker(work, "preprocess")["attempts"]) == (2, 2)
+    assert marker(work, "done")["status"] == "done"
+    resumed = [q for q in range_server.requests[n_before:] if q.path == f"/{archives[1].name}" and q.range]
+    assert resumed, "the partial archive was resumed, not fetched again"
+    assert int(resumed[0].range.split("=")[1].split("-")[0]) > 0
+    assert {q.path for q in range_server.requests[n_before:]} == {f"/{archives[1].name}"}
+    for a in archives:
+        assert (archive_dir / a.name).read_bytes() == a.read_bytes()

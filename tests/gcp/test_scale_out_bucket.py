@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import REPO, tiny_config
+from engine_helpers import run_cli, tiny_config
+from gcp_helpers import write_manifest
 
 pytestmark = pytest.mark.slow
 
 
-def processor(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "building_image_triplet_model.dataset_processor", "--config", str(cfg), *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,
-    )
+def processor(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_cli("dataset_processor", "--config", str(cfg), *args, env=env)
 
 
 def test_two_run_ids_in_one_bucket_never_touch_each_other(archives, gcs_emulator, bucket, tmp_path):
-    manifest = tmp_path / "manifest.txt"
-    manifest.write_text(
-        "".join(f"file://{p}\n\tout=dataset_unaligned/{p.name}\n" for p in sorted(archives[0].glob("*.tar")))
+    manifest = write_manifest(
+        tmp_path / "manifest.txt",
+        [(f"file://{p}", f"dataset_unaligned/{p.name}") for p in sorted(archives[0].glob("*.tar"))],
     )
     runs = {"run-a": {}, "run-b": {"image_size": 48, "knn_k": 3}}
     snapshots = {}
@@ -47,7 +39,11 @@ def test_two_run_ids_in_one_bucket_never_touch_each_other(archives, gcs_emulator
             for name, blob in gcs_emulator.objects(bucket, f"checkpoints/{run_id}/").items()
         }
         assert f"checkpoints/{run_id}/run_settings.json" in snapshots[run_id]
-        assert any(n.endswith("emb/0004/_SUCCESS.json") for n in snapshots[run_id])
+        # The embedding store of an archive is named by the model and the archive's content (scale_out.py).
+        assert any(
+            re.fullmatch(rf"checkpoints/{run_id}/shards/emb/[^/]+/0004-[^/]+/_SUCCESS\.json", n)
+            for n in snapshots[run_id]
+        ), sorted(snapshots[run_id])
     everything = gcs_emulator.objects(bucket)
     assert set(everything) == set(snapshots["run-a"]) | set(snapshots["run-b"])  # nothing outside the runs
     run_a_now = {
@@ -59,13 +55,9 @@ def test_two_run_ids_in_one_bucket_never_touch_each_other(archives, gcs_emulator
 def test_metadata_cache_is_uploaded_to_a_bucket(archives, gcs_emulator, bucket, tmp_path):
     """METADATA_CACHE_SYNC_URI=gs://...: the finished cache reaches the bucket, byte for byte."""
     cfg = tiny_config(tmp_path, archives[0])
-    env = {**os.environ, "METADATA_CACHE_SYNC_URI": f"gs://{bucket}/caches/"}
     # TERM at the first KNN chunk: the index (and the cache upload) are done, no model is loaded.
-    env["TRIPLET_FAILPOINT"] = "knn.chunk@1:TERM"
-    out = subprocess.run(
-        [sys.executable, "-m", "building_image_triplet_model.dataset_processor", "--config", str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True,
-    )  # fmt: skip
+    env = {"METADATA_CACHE_SYNC_URI": f"gs://{bucket}/caches/", "TRIPLET_FAILPOINT": "knn.chunk@1:TERM"}
+    out = processor(cfg, env=env)
     assert out.returncode == 75, out.stderr[-3000:]
     blob = gcs_emulator.objects(bucket, "caches/")["caches/metadata_cache_complete.npz"]
     local = tmp_path / "out" / "dataset.work" / "metadata_cache_complete.npz"

@@ -3,7 +3,8 @@
     python -m fake_processor --config CFG
 
 Reads data.input_dir/data.hdf5_path from CFG, writes a work folder with a shard and a commit marker, then
-the artifact (temporary name, renamed). FAKE_ENGINE_EXIT forces an exit code, FAKE_ENGINE_SLEEP makes it
+the artifact (temporary name, renamed). With --follow it first waits, as the real engine does, until every
+archive of data.manifest is in input_dir. FAKE_ENGINE_EXIT forces an exit code, FAKE_ENGINE_SLEEP makes it
 slow; SIGTERM exits 75 like the real engine. Every start is appended to FAKE_ENGINE_STARTS when set.
 """
 
@@ -29,7 +30,14 @@ def _term(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
+    ap.add_argument("--follow", action="store_true")
+    ap.add_argument("--task-index", type=int)
+    ap.add_argument("--task-count", type=int)
     args, extra = ap.parse_known_args()
+    if args.task_count is not None:
+        extra = ["--task-index", str(args.task_index), "--task-count", str(args.task_count), *extra]
+    if args.follow:
+        extra.append("--follow")
     signal.signal(signal.SIGTERM, _term)
     data = yaml.safe_load(Path(args.config).read_text())["data"]
     if os.environ.get("FAKE_ENGINE_STARTS"):
@@ -37,6 +45,15 @@ def main() -> int:
             f.write(f"{os.getpid()} {os.environ.get('METADATA_CACHE_SYNC_URI', '-')} {' '.join(extra)}\n")
     if os.environ.get("FAKE_ENGINE_EXIT"):
         return int(os.environ["FAKE_ENGINE_EXIT"])
+    if args.follow:
+        from building_image_triplet_model import manifest, work_split
+
+        names = manifest.archives(data["manifest"])
+        if args.task_count is not None:
+            names = work_split.task_share(names, args.task_index, args.task_count)
+        for name in names:
+            while not (Path(data["input_dir"]) / f"{name}.tar").exists():
+                time.sleep(0.1)
     out = Path(data["hdf5_path"])
     work = out.with_name(out.stem + ".work")
     (work / "emb" / "0001").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,77 @@
+"""The VM's preflight (``startup_preprocess.sh ... preflight``) with the locked torch on this GPU-less
+machine: a YAML that asks for CUDA stops the startup before the job with exit 6 and one recorded message
+naming the driver and torch's CUDA version; the CPU passes; a failure is not retried in a loop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_helpers import REPO, TINY, write_config
+from gcp_helpers import marker, run_script, script_env
+
+from building_image_triplet_model.exit_codes import Exit
+from building_image_triplet_model.vm import gpu_stack
+from building_image_triplet_model.vm.gpu_check import nvidia_present
+
+pytestmark = pytest.mark.skipif(nvidia_present(), reason="an NVIDIA GPU is here: CUDA would pass the check")
+
+
+def preflight_env(tmp: Path, device: str) -> dict[str, str]:
+    data = {**TINY, "device": device}
+    cfg = write_config(tmp / "preprocess.yaml", input_dir="x", hdf5_path="out/dataset.h5", **data)
+    return script_env(
+        tmp,
+        TRIPLET_RUN_ID="preflight",
+        TRIPLET_MANIFEST_URI="data/downloads/raw_archives_sample.txt",
+        TRIPLET_PREPROCESS_CONFIG_FILE=str(cfg),
+        TRIPLET_PROCESSOR_MODULE="no_such_engine_module",  # a job that started would fail loudly
+    )
+
+
+def preflight(tmp: Path) -> dict[str, Any]:
+    return marker(tmp / "work", "preflight")
+
+
+def test_cuda_without_a_driver_stops_the_startup_with_one_message(tmp_path: Path) -> None:
+    env = preflight_env(tmp_path, "cuda")
+    start = time.monotonic()
+    r = run_script("startup_preprocess.sh", "config", "preflight", env=env)
+    assert r.returncode == Exit.MODEL == 6, r.stderr[-3000:]
+    m = preflight(tmp_path)
+    lock = gpu_stack.lock_cuda_of(REPO / "uv.lock")
+    assert (m["status"], m["checks"], m["driver"]) == ("failed", 1, "none found")
+    assert m["lock_cuda"] == f"{lock[0]}.{lock[1]}"
+    assert "NVIDIA driver none found" in m["message"]
+    assert f"built for CUDA {lock[0]}.{lock[1]}" in m["message"]
+    assert "no NVIDIA driver is loaded" in m["message"]
+    assert r.stderr.count("preflight: the GPU cannot be used:") == 1
+    assert "preflight: the GPU cannot be used (state/preflight.json)" in r.stderr
+
+    # The whole startup (every step): stops at the preflight, so the job never starts; a second boot checks
+    # once more and stops the same way (nothing loops).
+    r = run_script("startup_preprocess.sh", env=env)
+    assert r.returncode == 6, r.stderr[-3000:]
+    assert r.stderr.count("preflight: the GPU cannot be used:") == 1
+    assert "start:" not in r.stderr
+    assert preflight(tmp_path)["checks"] == 2
+    assert not (tmp_path / "work" / "state" / "download.json").exists()
+    assert not (tmp_path / "run" / "job.pid").exists()
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    assert time.monotonic() - start < 120
+
+
+def test_cpu_passes_and_replaces_an_earlier_failure(tmp_path: Path) -> None:
+    (tmp_path / "work" / "state").mkdir(parents=True)
+    (tmp_path / "work" / "state" / "preflight.json").write_text(
+        json.dumps({"status": "failed", "checks": 3, "message": "an earlier boot's failure"})
+    )
+    r = run_script("startup_preprocess.sh", "config", "preflight", env=preflight_env(tmp_path, "cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = preflight(tmp_path)
+    assert (m["status"], m["device"], m["checks"]) == ("done", "cpu", 4)
+    assert "message" not in m
+    assert "preflight: device cpu and no GPU needed" in r.stderr

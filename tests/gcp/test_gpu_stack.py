@@ -1,0 +1,130 @@
+"""The GPU stack the VM gets: Debian 12's NVIDIA driver (what this machine's apt, Debian 12 like the VM, would
+install with the components the bootstrap enables) must run the CUDA build of torch that uv.lock pins.
+
+apt runs with a private configuration (its own state, cache and sources; the host's apt is not touched): the
+host's Debian entries, plus the bookworm-backports stanza of GCE's debian-12 image, with contrib, non-free and
+non-free-firmware enabled by the bootstrap's own ``vm.apt_sources``. No mirror, no answer: the test fails.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from engine_helpers import REPO
+from gcp_helpers import SCRIPTS
+
+from building_image_triplet_model.vm import gpu_stack
+
+BACKPORTS = """Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+# The lock before the fix: torch 2.15 built for CUDA 13, which Debian 12's 535 driver cannot run.
+PRE_FIX_COMMIT = "3a55273"
+
+
+def driver_package() -> str:
+    """The first of system.sh's NVIDIA_DRIVER_PACKAGES, read by bash itself."""
+    r = subprocess.run(
+        ["bash", "-c", 'set -Eeuo pipefail; source "$1"; printf "%s\\n" "${NVIDIA_DRIVER_PACKAGES[0]}"', "-",
+         str(SCRIPTS / "system.sh")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def private_apt(tmp: Path) -> list[str]:
+    """apt options for a configuration of its own under ``tmp``, with the VM's sources."""
+    etc = tmp / "etc"
+    parts = etc / "sources.list.d"
+    for d in (parts, etc / "preferences.d", tmp / "state" / "lists" / "partial", tmp / "cache" / "archives"):
+        d.mkdir(parents=True, exist_ok=True)
+    sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.is_file():
+        shutil.copy(legacy, etc / "sources.list")
+    else:
+        (etc / "sources.list").write_text("")
+    for s in sources:
+        shutil.copy(s, parts / s.name)
+    debian = [p for p in parts.glob("*.sources") if "deb.debian.org" in p.read_text()]
+    assert debian or "debian" in (etc / "sources.list").read_text(), "this machine has no Debian apt sources"
+    (parts / "gce-backports.sources").write_text(BACKPORTS)
+    # As system.sh runs it: Debian's python3 with the repository on its path, before any environment exists.
+    r = subprocess.run(
+        ["python3", "-m", "building_image_triplet_model.vm.apt_sources", str(etc / "sources.list"),
+         *map(str, sorted(parts.glob("*.sources")))],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 1, "contrib/non-free were enabled somewhere"
+    assert "non-free" in (parts / "gce-backports.sources").read_text()
+    return [
+        f"-oDir::State={tmp / 'state'}",
+        f"-oDir::Cache={tmp / 'cache'}",
+        f"-oDir::Etc::SourceList={etc / 'sources.list'}",
+        f"-oDir::Etc::SourceParts={parts}",
+        f"-oDir::Etc::Preferences={etc / 'preferences'}",
+        f"-oDir::Etc::PreferencesParts={etc / 'preferences.d'}",
+        "-oDebug::NoLocking=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def candidate(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The version apt would install on the VM for the driver package."""
+    opts = private_apt(tmp_path_factory.mktemp("apt"))
+    # --error-on=any: a mirror that cannot be reached fails the update instead of warning.
+    r = subprocess.run(
+        ["apt-get", *opts, "-q", "--error-on=any", "update"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, f"apt-get update failed (no mirror?):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    pkg = driver_package()
+    r = subprocess.run(["apt-cache", *opts, "policy", pkg], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^\s*Candidate:\s*(\S+)", r.stdout, re.M)
+    assert m, f"apt-cache policy {pkg}:\n{r.stdout}"
+    assert m.group(1) != "(none)", f"apt knows no {pkg} with these components:\n{r.stdout}"
+    print(f"{pkg} candidate: {m.group(1)}")
+    return m.group(1)
+
+
+def test_debian_driver_runs_the_locked_torch(candidate: str) -> None:
+    cuda = gpu_stack.lock_cuda_of(REPO / "uv.lock")
+    assert gpu_stack.driver_supports(candidate, cuda), gpu_stack.explain(candidate, cuda)
+
+
+def test_the_same_check_fails_for_the_pre_fix_lock(candidate: str, tmp_path: Path) -> None:
+    old = subprocess.run(
+        ["git", "show", f"{PRE_FIX_COMMIT}:uv.lock"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert old.returncode == 0, old.stderr
+    assert re.search(r'^name = "torch"\nversion = "2\.15\.', old.stdout, re.M), "the lock of torch 2.15"
+    (tmp_path / "uv.lock").write_text(old.stdout)
+    cuda = gpu_stack.lock_cuda_of(tmp_path / "uv.lock")
+    assert cuda[0] == 13
+    assert not gpu_stack.driver_supports(candidate, cuda)
+    assert "is too old for the locked torch's CUDA 13." in gpu_stack.explain(candidate, cuda)
+
+
+@pytest.mark.parametrize(
+    ("driver", "cuda", "ok"),
+    [
+        ("535.309.01-0+deb12u1", (12, 8), True),
+        ("535.216.03-2~bpo12+1", (12, 2), True),
+        ("525.60.13", (12, 0), True),
+        ("525.60.12", (12, 0), False),
+        ("535.309.01", (13, 0), False),
+        ("580.82.07", (13, 2), True),
+        ("1:580.65.06-1", (13, 0), True),
+    ],
+)
+def test_driver_versions_compare_numerically(driver: str, cuda: tuple[int, int], ok: bool) -> None:
+    assert gpu_stack.driver_supports(driver, cuda) is ok

@@ -1,0 +1,162 @@
+"""Fail fast: what can be checked before the long steps is checked before any archive is read, and a run
+refused there leaves no folder or file behind."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_helpers import REPO, load, tiny_config
+
+from building_image_triplet_model import pipeline
+from building_image_triplet_model.exit_codes import Exit
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def refused(cfg_path: Path, code: int, *expect: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the processor (in this process: torch is imported once); it must return ``code`` with every
+    ``expect`` in its output, having written nothing (the config's folder holds nothing new)."""
+    before = tree(cfg_path.parent)
+    cfg, _ = load(cfg_path)
+    capsys.readouterr()
+    assert pipeline.execute(cfg) == code
+    err = capsys.readouterr().err
+    for text in expect:
+        assert text in err, (text, err[-3000:])
+    assert tree(cfg_path.parent) == before, "a refused run leaves nothing behind"
+    assert "indexing" not in err
+    return err
+
+
+def processor_on_tmpfs(mount_point: Path, options: str, cfg: Path) -> subprocess.CompletedProcess:
+    """Run the processor in a private mount namespace where ``mount_point`` is a tmpfs mounted with
+    ``options``: a real read-only or full file system, without touching the machine's mounts."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("unshare -m is not allowed here")
+    script = (
+        f"mount -t tmpfs -o {options} tmpfs {mount_point} && exec {sys.executable} -m "
+        f"building_image_triplet_model.dataset_processor --config {cfg}"
+    )
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "bash", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_an_output_under_a_file_is_refused_naming_the_path(archives, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    cfg = tiny_config(tmp_path, archives[0], hdf5_path=str(tmp_path / "afile" / "out" / "d.h5"))
+    refused(cfg, Exit.CONFIG, f"{tmp_path / 'afile'} is a file", "configuration or usage", capsys=capsys)
+
+
+def test_an_output_under_proc_is_refused(archives, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, archives[0], hdf5_path="/proc/triplet-test/out/d.h5")
+    refused(cfg, Exit.CONFIG, "/proc/triplet-test/out", "cannot be written", capsys=capsys)
+    assert not Path("/proc/triplet-test").exists()
+
+
+def test_a_read_only_file_system_is_refused(archives, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cfg = tiny_config(tmp_path, archives[0], hdf5_path=str(ro / "out" / "d.h5"))
+    r = processor_on_tmpfs(ro, "ro", cfg)
+    assert r.returncode == Exit.CONFIG, r.stderr[-2000:]
+    assert f"{ro / 'out'}" in r.stderr and "Read-only file system" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_too_little_free_space_is_refused_before_indexing(archives, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    cfg = tiny_config(tmp_path, archives[0], hdf5_path=str(small / "out" / "d.h5"))
+    r = processor_on_tmpfs(small, "size=64k", cfg)
+    assert r.returncode == Exit.CONFIG, r.stderr[-2000:]
+    assert "GB free, the run writes about" in r.stderr and "indexing" not in r.stderr
+
+
+def test_cuda_where_there_is_none_fails_at_once_with_both_versions(archives, tmp_path, capsys):
+    import torch
+
+    cfg = tiny_config(tmp_path, archives[0], device="cuda")
+    out = refused(cfg, Exit.MODEL, "CUDA is not usable", capsys=capsys)
+    assert f"built for CUDA {torch.version.cuda}" in out and "NVIDIA driver none found" in out
+
+
+def test_a_model_name_typo_suggests_the_name(archives, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, archives[0], feature_model="test_resnett")
+    out = refused(cfg, Exit.MODEL, "test_resnett", capsys=capsys)
+    assert "did you mean test_resnet" in out
+
+
+def test_an_unreachable_hub_fails_at_once(archives, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-empty"))
+    cfg_path = tiny_config(tmp_path / "c", archives[0], feature_model="resnet18.a1_in1k", pretrained=True)
+    out = refused(cfg_path, Exit.MODEL, "resnet18.a1_in1k", capsys=capsys)
+    assert "the hub does not answer" in out or "HF_HUB_OFFLINE" in out
+    assert "random" not in out.split("could not")[0] or "never" not in out  # no silent fallback
+
+
+def test_a_weights_file_that_is_not_safetensors_is_refused(archives, tmp_path, capsys):
+    bad = tmp_path / "w" / "fake.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x80\x04not a safetensors file at all")
+    cfg = tiny_config(tmp_path / "c", archives[0], pretrained=True, weights_path=str(bad))
+    refused(cfg, Exit.MODEL, "not a readable safetensors file", str(bad), capsys=capsys)
+
+
+def test_the_original_projects_config_runs_with_one_warning_per_old_key(archives, tmp_path):
+    """The trainer's sections and keys are read past; the old preprocessing's keys are warned about once."""
+    import yaml
+
+    doc = {
+        "auto_batch_size": {"enabled": False, "mode": "power"},
+        "data": {
+            "hdf5_path": str(tmp_path / "out" / "dataset.h5"),
+            "input_dir": str(archives[0]),
+            "batch_size": 8,
+            "num_workers": 0,
+            "num_difficulty_levels": 5,
+            "ucb_alpha": 2.0,
+            "cache_size": 1000,
+            "feature_model": "test_resnet.r160_in1k",
+            "image_size": 32,
+            "devices": "auto",
+            "accelerator": "cpu",
+            "strategy": "auto",
+            "pretrained": False,
+            "knn_k": 5,
+        },
+        "logging": {
+            "project_name": "geo-triplet-net",
+            "exp_name": None,
+            "checkpoint_dir": "checkpoints",
+            "offline": False,
+        },
+        "model": {
+            "backbone": "vit_base_patch14_dinov2.lvd142m",
+            "embedding_size": 128,
+            "margin": 0.3,
+            "backbone_output_size": None,
+        },
+        "train": {"lr": 0.0001, "max_epochs": 100, "precision": "16-mixed", "seed": 42},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = path.read_bytes()
+    cfg, layout = load(path)
+    assert cfg.device == "cpu" and len(cfg.warnings) == 3
+    assert pipeline.execute(cfg) == 0
+    log = layout.log.read_text()
+    for key in ("data.devices", "data.accelerator", "data.strategy"):
+        assert log.count(key) == 1, key
+    assert path.read_bytes() == before  # the processor never writes to the user's config
