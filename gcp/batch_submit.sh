@@ -5,7 +5,8 @@
 #
 # Subcommands:
 #   setup     enable the Batch API; give the VM service account roles/batch.agentReporter (look first).
-#             Run `gcp/provision.sh apis buckets service-account upload-scripts` before (same config).
+#             Run `gcp/provision.sh apis buckets service-account upload-scripts` before (same config), and
+#             `gcp/provision.sh image` with USE_BAKED_IMAGE=true (the workers boot from the baked image).
 #   submit    upload the preprocess YAML next to the startup scripts, render the worker job from
 #             gcp/batch/worker-job.json into build/batch/, and submit it unless a job of that name exists:
 #             BATCH_TASK_COUNT tasks (TASK_INDEX = BATCH_TASK_INDEX), BATCH_PARALLELISM at once, Spot
@@ -21,94 +22,41 @@
 #   --merge-job-name NAME  the merge job (default BATCH_JOB_PREFIX-RUN_ID-merge)
 # Common options: --dry-run (print the exact gcloud commands; the job JSON is still rendered), --config, --set,
 # as in gcp/provision.sh. Guide: docs/preprocessing_gcp.md, section 7.
+#
+# Each task fetches only startup_preprocess.sh from the bucket and runs it; its stage 0 clones REPO_URL at
+# REPO_REF. installGpuDrivers is false in both jobs, always: the startup script's `system` step is the one
+# driver path of every VM (Debian 12's nvidia-driver, the 535 branch the locked CUDA 12 torch runs on), and
+# the baked image already holds it; Batch's own installer would put a different driver beside it.
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 # shellcheck source=gcp/provision_common.sh
 source "$SCRIPT_DIR/provision_common.sh"
 
 trap 'log "ERROR: failed at line $LINENO: $BASH_COMMAND"' ERR
 
-usage() { sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-
-CONFIG_FILE=$SCRIPT_DIR/provision.conf
-SETS=()
-SUBCOMMAND=""
 JOB_NAME=""
 MERGE_JOB_NAME=""
 WAIT=0
 POLL_S=${BATCH_POLL_S:-60}
 [[ $POLL_S =~ ^[1-9][0-9]{0,4}$ ]] || die "BATCH_POLL_S must be a number of seconds"
-
-while (($#)); do
-	case $1 in
-	--dry-run) DRY_RUN=1 ;;
-	--config)
-		(($# >= 2)) || die "--config needs a file"
-		CONFIG_FILE=$2
-		shift
-		;;
-	--config=*) CONFIG_FILE=${1#--config=} ;;
-	--set)
-		(($# >= 2)) || die "--set needs KEY=VALUE"
-		SETS+=("$2")
-		shift
-		;;
-	--set=*) SETS+=("${1#--set=}") ;;
-	--job-name)
-		(($# >= 2)) || die "--job-name needs a name"
-		JOB_NAME=$2
-		shift
-		;;
-	--merge-job-name)
-		(($# >= 2)) || die "--merge-job-name needs a name"
-		MERGE_JOB_NAME=$2
-		shift
-		;;
-	--wait) WAIT=1 ;;
-	-h | --help)
-		usage
-		exit 0
-		;;
-	-*) die "unknown option: $1 (see --help)" ;;
-	*)
-		[[ -z $SUBCOMMAND ]] || die "one subcommand at a time"
-		SUBCOMMAND=$1
-		;;
-	esac
-	shift
-done
-[[ -n $SUBCOMMAND ]] || {
-	usage >&2
-	exit 2
-}
+OPT_FLAG=([--wait]=WAIT)
+OPT_VALUE=([--job-name]=JOB_NAME [--merge-job-name]=MERGE_JOB_NAME)
+ARGS_MAX=0
+parse_args "$@"
 
 cfg_setup "$CONFIG_FILE" "${SETS[@]}"
 
 JOB_RE='^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$'
-PROJECT=${CFG[PROJECT_ID]}
 LOCATION=${CFG[BATCH_LOCATION]}
 JOB_NAME=${JOB_NAME:-${CFG[BATCH_JOB_PREFIX]}-${CFG[RUN_ID]}-workers}
 MERGE_JOB_NAME=${MERGE_JOB_NAME:-${CFG[BATCH_JOB_PREFIX]}-${CFG[RUN_ID]}-merge}
 [[ $JOB_NAME =~ $JOB_RE ]] || die "invalid job name '$JOB_NAME' (lowercase letters, digits, '-', at most 63)"
 [[ $MERGE_JOB_NAME =~ $JOB_RE ]] || die "invalid job name '$MERGE_JOB_NAME'"
-SA_EMAIL="${CFG[SERVICE_ACCOUNT]}@${PROJECT}.iam.gserviceaccount.com"
-SA_MEMBER="serviceAccount:$SA_EMAIL"
-STARTUP_URI="gs://${CFG[PROCESSED_BUCKET]}/${CFG[STARTUP_PREFIX]}"
 PREPROCESS_CONFIG_URI="$STARTUP_URI/runs/${CFG[RUN_ID]}/preprocess.yaml"
-RENDER_DIR=$REPO_ROOT/build/batch
+RENDER_DIR=$PROVISION_REPO/build/batch
 PL=(--project="$PROJECT" --location="$LOCATION")
-
-repo_path() { if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s' "$REPO_ROOT/$1"; fi; }
-
-has_row() {
-	local rows=$1 want=$2 row
-	while IFS= read -r row; do
-		[[ $row == "$want" || $row == "$want"$'\t'* ]] && return 0
-	done <<<"$rows"
-	return 1
-}
+boot_image
 
 # --- job JSON ----------------------------------------------------------------------------------------------
 # Every placeholder in the templates is a whole JSON value, "@@NAME@@". Values were checked against their
@@ -133,13 +81,13 @@ render_job() { # mode(worker|merge) template output
 		[REPO_URL]=$(json_str "${CFG[REPO_URL]}")
 		[REPO_REF]=$(json_str "${CFG[REPO_REF]}")
 		[PREPROCESS_CONFIG_URI]=$(json_str "$PREPROCESS_CONFIG_URI")
-		[SCRIPTS_URI]=$(json_str "$STARTUP_URI/")
-		[CHECKPOINT_INTERVAL_MIN]=$(json_str "${CFG[CHECKPOINT_INTERVAL_MIN]}")
+		[STARTUP_SCRIPT_URI]=$(json_str "$STARTUP_URI/startup_preprocess.sh")
+		[PUSH_INTERVAL_MIN]=$(json_str "${CFG[PUSH_INTERVAL_MIN]}")
 		[RAW_DISK]=$(json_str "${CFG[RAW_DISK]}")
 		[WORK_DISK]=$(json_str "${CFG[WORK_DISK]}")
 		[ACCELERATOR_TYPE]=$(json_str "${CFG[ACCELERATOR_TYPE]}")
 		[ACCELERATOR_COUNT]=$(json_str "${CFG[ACCELERATOR_COUNT]}")
-		[BOOT_IMAGE]=$(json_str "${CFG[BATCH_BOOT_IMAGE]}")
+		[BOOT_IMAGE]=$(json_str "$BOOT_IMAGE")
 		[BOOT_DISK_GB]=$(json_str "${CFG[BOOT_DISK_GB]}")
 		[BOOT_DISK_TYPE]=$(json_str "${CFG[BOOT_DISK_TYPE]}")
 		[DISK_TYPE]=$(json_str "${CFG[DISK_TYPE]}")
@@ -147,7 +95,6 @@ render_job() { # mode(worker|merge) template output
 		[RETRY_EXIT_CODES]=$(json_list "${CFG[BATCH_RETRY_EXIT_CODES]}" int)
 		[ALLOWED_LOCATIONS]=$(json_list "${CFG[BATCH_ALLOWED_LOCATIONS]}" str)
 		[SERVICE_ACCOUNT_EMAIL]=$(json_str "$SA_EMAIL")
-		[INSTALL_GPU_DRIVERS]=${CFG[BATCH_INSTALL_GPU_DRIVERS]}
 		[INSTALL_OPS_AGENT]=${CFG[INSTALL_OPS_AGENT]}
 	)
 	if [[ $mode == worker ]]; then
@@ -179,20 +126,29 @@ render_job() { # mode(worker|merge) template output
 # --- subcommands -------------------------------------------------------------------------------------------
 do_setup() {
 	step "batch setup"
-	local enabled="" policy=""
-	gc_look enabled services list --enabled --project="$PROJECT" --format='value(config.name)' || true
-	has_row "$enabled" batch.googleapis.com || gc_run services enable batch.googleapis.com --project="$PROJECT"
+	local policy=""
+	enable_apis batch.googleapis.com
 	# Batch VMs report their state through the job's service account.
-	gc_look policy projects get-iam-policy "$PROJECT" --flatten='bindings[].members' \
-		--format='value(bindings.role,bindings.members,bindings.condition.title)' || true
-	if ! has_row "$policy" "roles/batch.agentReporter"$'\t'"$SA_MEMBER"; then
-		gc_run_retrying projects add-iam-policy-binding "$PROJECT" --member="$SA_MEMBER" --role=roles/batch.agentReporter \
-			--condition=None
+	project_policy policy
+	grant_project_role "$policy" "$BATCH_AGENT_ROLE"
+}
+
+# The workers boot from the baked image family when USE_BAKED_IMAGE=true: it must have an image, or every VM of
+# the job would fail to be created.
+require_boot_image() {
+	[[ ${CFG[USE_BAKED_IMAGE]} == true ]] || return 0
+	local found=""
+	if gc_look found compute images describe-from-family "$BOOT_IMAGE_FAMILY" --project="$PROJECT" --format='value(name)'; then
+		((DRY_RUN)) || note "the VMs boot from $BOOT_IMAGE (now $found)"
+	elif ((!DRY_RUN)); then
+		die "the image family $BOOT_IMAGE_FAMILY has no image yet: run 'gcp/provision.sh image' first (or set USE_BAKED_IMAGE=false)"
 	fi
 }
 
-job_state() { # job-name var -> 0 when the job exists
-	gc_look "$2" batch jobs describe "$1" "${PL[@]}" --format='value(status.state)'
+# job_state NAME VAR [LOOK]: 0 when the job exists; its state in VAR. LOOK is gc_look (default) or gc_probe,
+# for a dry run of status and delete to show a job that exists.
+job_state() {
+	"${3:-gc_look}" "$2" batch jobs describe "$1" "${PL[@]}" --format='value(status.state)'
 }
 
 do_submit() {
@@ -207,6 +163,7 @@ do_submit() {
 		note "job $JOB_NAME exists ($state); submit again with --job-name NAME to start another attempt"
 		return 0
 	fi
+	require_boot_image
 	gc_run batch jobs submit "$JOB_NAME" "${PL[@]}" --config="$out"
 }
 
@@ -214,7 +171,7 @@ do_status() {
 	step "batch status"
 	local name state="" tasks=""
 	for name in "$JOB_NAME" "$MERGE_JOB_NAME"; do
-		if gc_probe state batch jobs describe "$name" "${PL[@]}" --format='value(status.state)'; then
+		if job_state "$name" state gc_probe; then
 			printf 'job %s: %s\n' "$name" "$state"
 			gc_look tasks batch tasks list --job="$name" "${PL[@]}" \
 				--format='value(name.basename(),status.state)' || true
@@ -246,6 +203,7 @@ do_merge() {
 		note "merge job $MERGE_JOB_NAME exists ($mstate)"
 		return 0
 	fi
+	require_boot_image
 	gc_run batch jobs submit "$MERGE_JOB_NAME" "${PL[@]}" --config="$out"
 }
 
@@ -253,7 +211,7 @@ do_delete() {
 	step "batch delete"
 	local name state=""
 	for name in "$MERGE_JOB_NAME" "$JOB_NAME"; do
-		if gc_probe state batch jobs describe "$name" "${PL[@]}" --format='value(status.state)'; then
+		if job_state "$name" state gc_probe; then
 			gc_run batch jobs delete "$name" "${PL[@]}" --quiet
 		fi
 	done

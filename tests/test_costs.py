@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from building_image_triplet_model import costs
+from building_image_triplet_model import cost_report, costs
 from building_image_triplet_model.costs import PRICES, Inputs, estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_docs_show_the_tables_this_module_prints() -> None:
     doc = (REPO / "docs" / "costs.md").read_text()
     m = re.search(r"<!-- costs:begin -->\n(.*?)\n<!-- costs:end -->", doc, flags=re.S)
     assert m, "docs/costs.md lacks the generated block"
-    assert m.group(1).strip() == costs.render_markdown().strip(), (
+    assert m.group(1).strip() == cost_report.render_markdown().strip(), (
         "docs/costs.md is stale: run `make costs-docs`"
     )
 
@@ -167,7 +167,7 @@ def test_update_doc_rewrites_only_the_block(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("intro\n<!-- costs:begin -->\n### The real dataset")
     assert text.endswith("\n<!-- costs:end -->\noutro\n")
-    assert costs.update_doc(str(doc)) is False
+    assert cost_report.update_doc(str(doc)) is False
     doc.write_text("no block\n")
     assert costs.main(["--update-doc", str(doc)]) == 2
 

@@ -114,7 +114,7 @@ SETTINGS: dict[str, Setting] = {
     # true on the VM that `gcp/provision.sh image` bakes an image from: the system step, then power off.
     "bake": Setting("false", _full("(?i:true|false)"), "true or false", "bool"),
 }
-PATTERNS = {"run-id": RUN_ID}  # for gcp/provision_common.sh: one pattern for the run id
+PATTERNS = {"run-id": RUN_ID}  # for gcp/provision.d/config.sh: one pattern for the run id
 # Renamed keys: the old name is still read (with a warning) so that a VM made from an older template runs.
 RENAMED = {"checkpoint-interval-min": "push-interval-min"}
 

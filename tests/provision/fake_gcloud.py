@@ -8,6 +8,12 @@ prints one value row per resource, a create of something that exists fails with 
 ``FAKE_GCLOUD_FAIL`` (optional) is a command prefix such as ``compute disks describe``: that command then
 fails with PERMISSION_DENIED, as the real one does without the right role; with ``FAKE_GCLOUD_FAIL_TIMES=N``
 only its first N calls fail (IAM's eventual consistency right after a service account is created).
+``FAKE_GCLOUD_PROJECT`` is the current project that ``gcloud config get-value project`` prints (unset: none).
+
+A VM created with the metadata ``triplet-bake=true`` (the image builder of ``provision.sh image``) powers
+itself off like the real one: it is RUNNING for ``FAKE_GCLOUD_BAKE_POLLS`` (default 2) describes, then
+TERMINATED (``never``: it stays RUNNING). Images are kept per family; a VM whose boot image is a family of
+this project can only be created once that family has an image.
 
 Only the command lines the scripts generate are understood: anything else exits 3 so that a test notices.
 """
@@ -40,6 +46,7 @@ def _empty_state() -> State:
         "instances": {},
         "operations": [],
         "jobs": {},
+        "images": {},
     }
 
 
@@ -71,6 +78,7 @@ def _split(args: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 COMMANDS = [
+    ("config", "get-value"),
     ("services", "list"),
     ("services", "enable"),
     ("compute", "project-info", "describe"),
@@ -116,6 +124,10 @@ COMMANDS = [
     ("compute", "instances", "create"),
     ("compute", "instances", "delete"),
     ("compute", "instances", "start"),
+    ("compute", "images", "describe-from-family"),
+    ("compute", "images", "create"),
+    ("compute", "images", "list"),
+    ("compute", "images", "delete"),
     ("compute", "operations", "list"),
     ("batch", "jobs", "describe"),
     ("batch", "jobs", "submit"),
@@ -183,6 +195,16 @@ class Fake:
                 handler(name, words, flags)
                 return
         raise GcloudError(3, f"fake gcloud: unsupported command: {' '.join(argv)}\n")
+
+    # --- config -------------------------------------------------------------------------------------------
+    def cmd_config_get_value(self, name: str, words: list[str], flags: dict[str, str]) -> None:
+        if words != ["project"]:
+            raise GcloudError(3, f"fake gcloud: unsupported property {words}")
+        project = os.environ.get("FAKE_GCLOUD_PROJECT", "")
+        if project:
+            self.emit(project)
+        else:
+            sys.stderr.write("(unset)\n")  # what the real CLI says, with exit 0 and nothing on stdout
 
     # --- services -------------------------------------------------------------------------------------------
     def cmd_services_list(self, name: str, words: list[str], flags: dict[str, str]) -> None:
@@ -498,7 +520,9 @@ class Fake:
             raise self.exists(name, key)
         if flags["template"] not in self.s["templates"]:
             raise self.not_found(name, flags["template"])
-        if any(inst["zone"] == flags["zone"] for inst in self.s["instances"].values()):
+        self._template_image(name, flags["template"], self.project(flags))
+        data_disk_users = [i for i in self.s["instances"].values() if not i.get("boot_disk")]
+        if any(inst["zone"] == flags["zone"] for inst in data_disk_users):
             raise GcloudError(1, f"ERROR: ({name}) disk already attached to another instance\n")
         self.s["migs"][key] = {"template": flags["template"], "stateful": flags.get("stateful-disk", "")}
         vm = flags["base-instance-name"] + "-abcd"
@@ -540,6 +564,15 @@ class Fake:
         for ikey in [k for k, v in self.s["instances"].items() if v.get("mig") == key]:
             del self.s["instances"][ikey]
 
+    def _require_boot_image(self, name: str, family: str, image_project: str, project: str) -> None:
+        """A family of this project (a baked image) must have an image; public families are taken as given."""
+        if image_project == project and not self._images_of(family):
+            raise self.not_found(name, f"projects/{project}/global/images/family/{family}")
+
+    def _template_image(self, name: str, template: str, project: str) -> None:
+        flags = self.s["templates"][template]
+        self._require_boot_image(name, flags.get("image-family", ""), flags.get("image-project", ""), project)
+
     def cmd_compute_instances_describe(self, name: str, words: list[str], flags: dict[str, str]) -> None:
         key = self.zkey(flags, words[0])
         inst = self.s["instances"].get(key)
@@ -547,6 +580,10 @@ class Fake:
             raise self.not_found(
                 name, f"projects/{self.project(flags)}/zones/{key.replace('/', '/instances/')}"
             )
+        if inst.get("bake_polls") is not None and inst["status"] == "RUNNING":
+            inst["bake_polls"] -= 1
+            if inst["bake_polls"] <= 0:
+                inst["status"] = "TERMINATED"  # the builder powered itself off: the bake is done
         fmt = flags.get("format", "")
         if fmt == "value(name)":
             self.emit(words[0])
@@ -556,12 +593,45 @@ class Fake:
             self.emit(inst["status"])
 
     def cmd_compute_instances_create(self, name: str, words: list[str], flags: dict[str, str]) -> None:
+        self._need_api("compute.googleapis.com", name)
         key = self.zkey(flags, words[0])
+        project = self.project(flags)
         if key in self.s["instances"]:
             raise self.exists(name, key)
-        if flags["source-instance-template"] not in self.s["templates"]:
-            raise self.not_found(name, flags["source-instance-template"])
-        self.s["instances"][key] = {"zone": flags["zone"], "status": "RUNNING"}
+        if "source-instance-template" in flags:
+            if flags["source-instance-template"] not in self.s["templates"]:
+                raise self.not_found(name, flags["source-instance-template"])
+            self._template_image(name, flags["source-instance-template"], project)
+            self.s["instances"][key] = {"zone": flags["zone"], "status": "RUNNING"}
+            return
+        # A VM from flags: the image builder.
+        for required in ("machine-type", "accelerator", "image-family", "image-project", "service-account"):
+            if required not in flags:
+                raise GcloudError(3, f"fake gcloud: instance created without --{required}")
+        if "restart-on-failure" in flags and flags.get("provisioning-model") == "SPOT":
+            raise GcloudError(
+                1,
+                f"ERROR: ({name}) Scheduling must have preemptible be false when AutomaticRestart is true.\n",
+            )
+        email = flags["service-account"]
+        if email not in self.s["service_accounts"]:
+            raise GcloudError(
+                1,
+                f"ERROR: ({name}) The resource 'projects/{project}/serviceAccounts/{email}' was not found\n",
+            )
+        self._require_boot_image(name, flags["image-family"], flags["image-project"], project)
+        metadata = dict(item.split("=", 1) for item in flags.get("metadata", "").split(",") if item)
+        polls = os.environ.get("FAKE_GCLOUD_BAKE_POLLS", "2")
+        self.s["instances"][key] = {
+            "zone": flags["zone"],
+            "status": "RUNNING",
+            "boot_disk": words[0],
+            "flags": flags,
+            "metadata": metadata,
+            "bake_polls": (10**9 if polls == "never" else int(polls))
+            if metadata.get("triplet-bake") == "true"
+            else None,
+        }
 
     def cmd_compute_instances_delete(self, name: str, words: list[str], flags: dict[str, str]) -> None:
         key = self.zkey(flags, words[0])
@@ -571,6 +641,59 @@ class Fake:
 
     def cmd_compute_instances_start(self, name: str, words: list[str], flags: dict[str, str]) -> None:
         self.s["instances"][self.zkey(flags, words[0])]["status"] = "RUNNING"
+
+    # --- images ---------------------------------------------------------------------------------------------
+    def _images_of(self, family: str) -> list[str]:
+        """The family's images, oldest first."""
+        found = [(i["created"], n) for n, i in self.s["images"].items() if i["family"] == family]
+        return [n for _, n in sorted(found)]
+
+    def cmd_compute_images_describe_from_family(
+        self, name: str, words: list[str], flags: dict[str, str]
+    ) -> None:
+        project = self.project(flags)
+        images = self._images_of(words[0])
+        if not images:
+            raise self.not_found(name, f"projects/{project}/global/images/family/{words[0]}")
+        if flags.get("format") == "value(name)":
+            self.emit(images[-1])
+        elif flags.get("format") == "value(name,creationTimestamp)":
+            self.emit(f"{images[-1]}\t2026-01-01T00:00:00Z")
+        else:
+            raise GcloudError(3, f"fake gcloud: unsupported format {flags.get('format')}")
+
+    def cmd_compute_images_create(self, name: str, words: list[str], flags: dict[str, str]) -> None:
+        self._need_api("compute.googleapis.com", name)
+        self.project(flags)
+        if words[0] in self.s["images"]:
+            raise self.exists(name, words[0])
+        disk, zone = flags.get("source-disk", ""), flags.get("source-disk-zone", "")
+        users = [i for k, i in self.s["instances"].items() if k == f"{zone}/{disk}" and i.get("boot_disk")]
+        if not users:
+            raise self.not_found(name, f"projects/x/zones/{zone}/disks/{disk}")
+        if users[0]["status"] != "TERMINATED" and "force" not in flags:
+            raise GcloudError(
+                1,
+                f"ERROR: ({name}) The disk resource '{disk}' is already being used by '{disk}' "
+                "(stop the instance or use --force)\n",
+            )
+        self.s["images"][words[0]] = {
+            "family": flags.get("family", ""),
+            "source_disk": f"{zone}/{disk}",
+            "source_metadata": users[0].get("metadata", {}),
+            "created": self.s.setdefault("image_seq", 0),
+        }
+        self.s["image_seq"] += 1
+
+    def cmd_compute_images_list(self, name: str, words: list[str], flags: dict[str, str]) -> None:
+        self.project(flags)
+        family = flags.get("filter", "").removeprefix("family=")
+        self.emit(*self._images_of(family))
+
+    def cmd_compute_images_delete(self, name: str, words: list[str], flags: dict[str, str]) -> None:
+        if words[0] not in self.s["images"]:
+            raise self.not_found(name, f"projects/x/global/images/{words[0]}")
+        del self.s["images"][words[0]]
 
     def cmd_compute_operations_list(self, name: str, words: list[str], flags: dict[str, str]) -> None:
         vm = flags.get("filter", "").rpartition("/instances/")[2]

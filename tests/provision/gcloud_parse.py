@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from typing import Any
@@ -87,7 +88,7 @@ def _unrecognized(msg: Any, path: str) -> list[str]:
     """Field paths that the API's message classes do not know (misspelt keys, invalid enum values)."""
     from apitools.base.protorpclite import messages  # type: ignore[import-not-found]
 
-    found = [f"{path}.{name}" for name in msg.all_unrecognized_fields()]
+    found = [f"{path}.{name}: unknown field or value" for name in msg.all_unrecognized_fields()]
     for field in msg.all_fields():
         value = msg.get_assigned_value(field.name)
         if isinstance(field, messages.MessageField) and value is not None:
@@ -97,8 +98,70 @@ def _unrecognized(msg: Any, path: str) -> list[str]:
     return found
 
 
+_INT = re.compile(r"-?[0-9]+\Z")
+
+
+def _value_problems(field: Any, value: Any, path: str) -> list[str]:
+    """One JSON value against one message field (proto3 JSON: 64-bit integers may be strings)."""
+    from apitools.base.protorpclite import messages  # type: ignore[import-not-found]
+
+    if value is None:
+        return [f"{path}: null"]
+    if isinstance(field, messages.MessageField):
+        return _json_problems(field.message_type, value, path)
+    if isinstance(field, messages.EnumField):
+        if not isinstance(value, str) or value not in field.type.names():
+            return [f"{path}: {value!r} is not one of {sorted(field.type.names())}"]
+        return []
+    if isinstance(field, messages.BooleanField):
+        ok = isinstance(value, bool)
+    elif isinstance(field, messages.IntegerField):
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and bool(_INT.match(value))
+        )
+    elif isinstance(field, messages.FloatField):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(field, (messages.StringField, messages.BytesField)):
+        ok = isinstance(value, str)
+    else:
+        return [f"{path}: field type {type(field).__name__} is not checked by this harness"]
+    return [] if ok else [f"{path}: {type(value).__name__} {value!r} for a {type(field).__name__}"]
+
+
+def _json_problems(cls: Any, value: Any, path: str) -> list[str]:
+    """Walks the JSON next to the message class: every key a field, every value of the field's JSON type."""
+    from apitools.base.py import encoding, extra_types  # type: ignore[import-not-found]
+
+    if cls in (extra_types.JsonValue, extra_types.JsonObject, extra_types.JsonArray):
+        return []
+    if not isinstance(value, dict):
+        return [f"{path}: {type(value).__name__} {value!r} where an object ({cls.__name__}) belongs"]
+    names = [f.name for f in cls.all_fields()]
+    if names == ["additionalProperties"]:  # a JSON map (labels, environment variables)
+        item = cls.field_by_name("additionalProperties").message_type.field_by_name("value")
+        return [p for key, v in value.items() for p in _value_problems(item, v, f"{path}.{key}")]
+    problems = []
+    for key, v in value.items():
+        name = encoding.GetCustomJsonFieldMapping(cls, json_name=key) or key
+        if name not in names:
+            problems.append(f"{path}.{key}: unknown field of {cls.__name__}")
+            continue
+        field = cls.field_by_name(name)
+        if field.repeated:
+            if not isinstance(v, list):
+                problems.append(f"{path}.{key}: {type(v).__name__} where a list belongs")
+                continue
+            for i, item in enumerate(v):
+                problems += _value_problems(field, item, f"{path}.{key}[{i}]")
+        else:
+            problems += _value_problems(field, v, f"{path}.{key}")
+    return problems
+
+
 def _check_batch_jobs(sdk_lib: str, paths: list[str]) -> list[dict[str, Any]]:
-    """Decodes each file with gcloud's own Batch v1 Job message class, as `gcloud batch jobs submit` does."""
+    """Decodes each file with gcloud's own Batch v1 Job message class, as `gcloud batch jobs submit` does, and
+    lists every problem: a value apitools refuses, a field or enum value it does not know (kept as
+    "unrecognized", recursively), a JSON value of the wrong type (which apitools may drop or coerce)."""
     _setup_path(sdk_lib)
     from apitools.base.py import encoding  # type: ignore[import-not-found]
     from googlecloudsdk.generated_clients.apis.batch.v1 import batch_v1_messages  # type: ignore[import-not-found]
@@ -107,12 +170,14 @@ def _check_batch_jobs(sdk_lib: str, paths: list[str]) -> list[dict[str, Any]]:
     for path in paths:
         with open(path, encoding="utf-8") as f:
             text = f.read()
+        problems: list[str] = []
         try:
             job = encoding.JsonToMessage(batch_v1_messages.Job, text)
-            problems = _unrecognized(job, "job")
+            problems += _unrecognized(job, "job")
         except Exception as exc:
-            problems = [f"cannot decode: {exc!r}"]
-        results.append({"path": path, "unrecognized": problems})
+            problems.append(f"cannot decode: {exc!r}")
+        problems += _json_problems(batch_v1_messages.Job, json.loads(text), "job")
+        results.append({"path": path, "problems": sorted(set(problems))})
     return results
 
 

@@ -156,6 +156,7 @@ class FakeCloud:
             "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "FAKE_GCLOUD_STATE": str(self.state),
             "FAKE_GCLOUD_LOG": str(self.log),
+            "PROVISION_POLL_S": "0",  # the image builder powers off after a poll or two: no waiting
         }
         env.update(extra)
         return env
@@ -202,6 +203,17 @@ MUTATING_VERBS = {
     "snapshot",
     "submit",
 }
+READ_VERBS = {
+    "describe",
+    "describe-from-family",
+    "list",
+    "get-iam-policy",
+    "hash",
+    "ls",
+    "cat",
+    "list-instances",
+    "get-value",
+}
 
 
 def verb_path(argv: Sequence[str]) -> str:
@@ -211,15 +223,7 @@ def verb_path(argv: Sequence[str]) -> str:
         if w.startswith("-") or w.startswith("gs://") or "/" in w or "@" in w:
             break
         words.append(w)
-        if w in MUTATING_VERBS or w in {
-            "describe",
-            "list",
-            "get-iam-policy",
-            "hash",
-            "ls",
-            "cat",
-            "list-instances",
-        }:
+        if w in MUTATING_VERBS or w in READ_VERBS:
             break
     return " ".join(words)
 
@@ -229,3 +233,24 @@ def mutations(calls: Iterable[Sequence[str]]) -> list[list[str]]:
 
 
 CallFilter = Callable[[Sequence[str]], bool]
+
+
+def checkout_copy(dest: Path, origin: str | None) -> Path:
+    """A copy of this checkout's working tree (tracked and untracked files, not ignored ones: what the scripts
+    see) in a new git repository whose `origin` remote is ``origin`` (None: no remote). The real repository
+    and its remotes are not touched."""
+    listing = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listing.split("\0")):
+        src = REPO / rel
+        if src.is_file():  # listed but deleted in the working tree: skipped
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    if origin is not None:
+        subprocess.run(["git", "-C", str(dest), "remote", "add", "origin", origin], check=True)
+    return dest

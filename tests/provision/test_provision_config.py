@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
-from provision_helpers import BATCH_SUBMIT, PROVISION, REPO, run_script
+from provision_helpers import BATCH_SUBMIT, PROVISION, REPO, FakeCloud, checkout_copy, mutations, run_script
 
 CONF = REPO / "gcp" / "provision.conf"
 
@@ -40,11 +41,30 @@ def test_defaults_are_the_original_plan_values() -> None:
     assert conf["TERMINATION_ACTION"] in {"STOP", "DELETE"}
     # The one deliberate change from the plan: G2 machines cannot attach pd-standard disks.
     assert conf["DISK_TYPE"] == "pd-balanced"
+    # Resolved at run time: gcloud's current project and this checkout's origin.
+    assert conf["PROJECT_ID"] == ""
+    assert conf["REPO_URL"] == ""
+    assert conf["USE_BAKED_IMAGE"] == "true"
+
+
+def key_types() -> dict[str, str]:
+    config = (REPO / "gcp" / "provision.d" / "config.sh").read_text()
+    return dict(re.findall(r"^\s*\[([A-Z_]+)\]=([a-z]+)$", config, flags=re.M))
+
+
+def test_every_file_the_defaults_name_exists() -> None:
+    conf = read_conf()
+    paths = {k: conf[k] for k, kind in key_types().items() if kind in ("path", "optpath") and conf[k]}
+    assert {"PREPROCESS_CONFIG", "SCRIPTS_DIR", "MANIFEST_SOURCE", "OPS_AGENT_CONFIG_FILE"} <= set(paths)
+    missing = {k: v for k, v in paths.items() if not (REPO / v).exists()}
+    assert not missing, f"gcp/provision.conf names files that do not exist: {missing}"
+    assert conf["PREPROCESS_CONFIG"] == "configs/vm.yaml"
+    for script in ("startup_preprocess.sh", "shutdown_preprocess.sh"):
+        assert (REPO / conf["SCRIPTS_DIR"] / script).is_file(), script
 
 
 def test_every_key_the_scripts_know_is_in_the_file_once() -> None:
-    common = (REPO / "gcp" / "provision_common.sh").read_text()
-    known = set(re.findall(r"^\s*\[([A-Z_]+)\]=[a-z]+$", common, flags=re.M))
+    known = set(key_types())
     keys = [line.partition("=")[0] for line in CONF.read_text().splitlines() if re.match(r"^[A-Z]", line)]
     assert sorted(keys) == sorted(set(keys)), "a key appears twice"
     assert set(keys) == known
@@ -112,11 +132,27 @@ def test_the_file_is_read_not_sourced(tmp_path: Path) -> None:
     assert code == 2
     assert "expected KEY=VALUE" in err
     assert not pwned.exists()
-    for script in (PROVISION, BATCH_SUBMIT, REPO / "gcp" / "provision_common.sh"):
+    common = REPO / "gcp" / "provision_common.sh"
+    parts = sorted((REPO / "gcp" / "provision.d").glob("*.sh"))
+    assert parts
+    part_names = {f"provision.d/{p.name}" for p in parts}
+    # The scripts source their helpers and their parts, the helpers the one log format (gcp/scripts/lib.sh)
+    # and the shared parts; the parts source nothing. Every source names one of these files, spelled out.
+    allowed = {
+        PROVISION: {"provision_common.sh"} | part_names,
+        BATCH_SUBMIT: {"provision_common.sh"},
+        common: {"scripts/lib.sh"} | part_names,
+    }
+    for script in (PROVISION, BATCH_SUBMIT, common, *parts):
         text = script.read_text()
         assert not re.search(r"^\s*eval\b|\beval\s", text, flags=re.M), script
         sources = re.findall(r"^\s*(?:source|\.)\s+(.+)$", text, flags=re.M)
-        assert all("provision_common.sh" in s for s in sources), (script, sources)
+        named = [re.fullmatch(r'"\$(?:SCRIPT_DIR|PROVISION_DIR)/([\w./]+)"', s) for s in sources]
+        assert all(named), (script, sources)
+        names = {m.group(1) for m in named if m}
+        assert names <= allowed.get(script, set()), (script, sources)
+        if script in allowed:
+            assert ("scripts/lib.sh" if script == common else "provision_common.sh") in names, script
 
 
 def test_pd_standard_cannot_be_used_with_g2(tmp_path: Path) -> None:
@@ -133,16 +169,63 @@ def test_zone_must_be_in_region() -> None:
     assert "is not in REGION" in err
 
 
-def test_real_runs_refuse_the_placeholders(tmp_path: Path) -> None:
-    # Both refusals happen before any gcloud call.
-    proc = run_script(PROVISION, ["apis"], env={"PATH": "/usr/bin:/bin"}, check=False)
-    assert proc.returncode == 2
-    assert "set PROJECT_ID" in proc.stderr
-    proc = run_script(
-        PROVISION, ["--set", "PROJECT_ID=my-project-1", "apis"], env={"PATH": "/usr/bin:/bin"}, check=False
+def test_real_runs_refuse_placeholders_and_unresolvable_defaults(
+    tmp_path: Path, fake_cloud: FakeCloud
+) -> None:
+    """Every refusal happens before anything is created."""
+    repo = checkout_copy(tmp_path / "repo", origin=None)
+    script = repo / "gcp" / "provision.sh"
+
+    def real(*args: str, **env: str) -> tuple[int, str]:
+        proc = run_script(script, list(args), env=fake_cloud.env(**env), check=False)
+        return proc.returncode, proc.stderr
+
+    code, err = real("apis")  # PROJECT_ID empty, and gcloud has no current project
+    assert code == 2
+    assert "gcloud has no current project" in err
+    code, err = real("apis", FAKE_GCLOUD_PROJECT="test-project")  # REPO_URL empty, and no origin remote
+    assert code == 2
+    assert "has no 'origin' remote" in err
+    code, err = real("--set", "PROJECT_ID=your-project-id", "apis")
+    assert code == 2
+    assert "placeholder" in err
+    code, err = real(
+        "--set", "REPO_URL=https://github.com/your-org/x.git", "apis", FAKE_GCLOUD_PROJECT="p-123456"
     )
-    assert proc.returncode == 2
-    assert "set REPO_URL" in proc.stderr
+    assert code == 2
+    assert "placeholder" in err
+    assert mutations(fake_cloud.calls()) == []
+
+    subprocess.run(["git", "-C", str(repo), "remote", "add", "origin", "/srv/git/triplets.git"], check=True)
+    code, err = real("apis", FAKE_GCLOUD_PROJECT="test-project")
+    assert code == 2
+    assert "is not a URL the VM can clone" in err
+    assert mutations(fake_cloud.calls()) == []
+
+
+def test_empty_project_and_repo_url_are_resolved(tmp_path: Path, fake_cloud: FakeCloud) -> None:
+    origin = "https://example.invalid/org/building-image-triplet-model.git"
+    repo = checkout_copy(tmp_path / "repo", origin=origin)
+    proc = run_script(
+        repo / "gcp" / "provision.sh", ["apis"], env=fake_cloud.env(FAKE_GCLOUD_PROJECT="my-project-7")
+    )
+    assert "using gcloud's current project my-project-7" in proc.stderr
+    assert ["config", "get-value", "project"] in fake_cloud.calls()
+    assert all("--project=my-project-7" in c for c in mutations(fake_cloud.calls()))
+    # A dry run contacts nothing: it names what a real run would ask and shows placeholders.
+    out = run_script(repo / "gcp" / "provision.sh", ["--dry-run", "template"]).stdout
+    assert "# look: gcloud config get-value project" in out
+    assert "--project=your-project-id" in out
+    assert f"triplet-repo-url={origin}" in out
+    # An explicit value wins and nothing is asked.
+    fake_cloud.reset_log()
+    run_script(
+        repo / "gcp" / "provision.sh",
+        ["--set", "PROJECT_ID=other-project", "--set", "REPO_URL=https://example.invalid/x.git", "apis"],
+        env=fake_cloud.env(FAKE_GCLOUD_PROJECT="my-project-7"),
+    )
+    assert ["config", "get-value", "project"] not in fake_cloud.calls()
+    assert all("--project=other-project" in c for c in mutations(fake_cloud.calls()))
 
 
 def test_help_and_usage_errors() -> None:

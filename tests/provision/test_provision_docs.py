@@ -118,8 +118,30 @@ def test_the_guide_covers_the_required_topics() -> None:
         "Ops Agent",
         "## 6. Retention",
         "## 8. Teardown",
+        # The defaults that work as they are, the baked image and why, the roles, the one driver path.
+        "gcloud config get-value project",
+        "git remote get-url origin",
+        "configs/vm.yaml",
+        "### The baked image",
+        "**recreates**",
+        "triplet-bake=true",
+        "USE_BAKED_IMAGE=false",
+        "gcp/provision.sh image --rebuild",
+        "`roles/storage.objectViewer` + `roles/storage.objectCreator`",
+        "`roles/storage.objectUser`",
+        "`installGpuDrivers` is `false`",
+        "TRIPLET_PUSH_INTERVAL_MIN",
+        "--delete-images",
     ):
         assert needle in text, needle
+    for gone in (
+        "BATCH_INSTALL_GPU_DRIVERS",
+        "BATCH_BOOT_IMAGE",
+        "TRIPLET_SCRIPTS_URI",
+        "triplet-scripts-uri",
+    ):
+        assert gone not in text, gone
+    assert "CHECKPOINT_INTERVAL_MIN" not in text.replace("TRIPLET_CHECKPOINT_INTERVAL_MIN", "")
 
 
 def test_cost_commands_of_docs_costs_run() -> None:

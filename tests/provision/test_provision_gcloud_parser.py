@@ -52,11 +52,16 @@ PROVISION_MATRIX: list[tuple[list[str], list[str], str]] = [
     (SPOT_DELETE, ["all"], "missing"),
     (SPOT_DELETE, ["all", "--apply-now"], "exists:True"),
     (SPOT_VM_SELF_STOP, ["all"], "exists:TERMINATED"),
+    (["--set", "USE_BAKED_IMAGE=false"], ["all"], "missing"),
     ([], ["apis"], "missing"),
     ([], ["buckets"], "missing"),
     (SPOT_VM_SELF_STOP, ["service-account"], "missing"),
     ([], ["disks"], "missing"),
     ([], ["upload-scripts"], "missing"),
+    ([], ["image"], "missing"),  # first bake: builder, wait, image, builder deleted
+    ([], ["image", "--rebuild"], "exists:TERMINATED"),  # a new image from an existing, powered-off builder
+    ([], ["image"], "exists:TERMINATED"),  # the family has an image: a leftover builder is deleted
+    ([*SPOT_VM_SELF_STOP, "--set", "SUBNET=preproc-subnet"], ["image"], "missing"),
     ([], ["template"], "missing"),
     ([], ["mig"], "missing"),
     ([], ["mig", "--apply-now"], "exists:other-template"),
@@ -73,10 +78,12 @@ PROVISION_MATRIX: list[tuple[list[str], list[str], str]] = [
             "--delete-checkpoints",
             "--delete-disks",
             "--delete-buckets",
+            "--delete-images",
             "--delete-service-account",
         ],
         "exists:",
     ),
+    ([], ["teardown", "--delete-images"], "exists:"),
     (SPOT_VM_SELF_STOP, ["teardown", "--delete-service-account"], "exists:"),
     ([], ["move-zone", "us-central1-b"], "missing"),
     ([], ["move-zone", "us-central1-c", "--delete-old"], "missing"),
@@ -91,7 +98,9 @@ BATCH_MATRIX: list[tuple[list[str], list[str], str]] = [
         "missing",
     ),
     ([], ["status"], "exists:RUNNING"),
+    (["--set", "USE_BAKED_IMAGE=false"], ["submit"], "missing"),
     ([], ["merge", "--wait"], "missing"),
+    ([], ["merge"], "exists:SUCCEEDED"),
     ([], ["delete"], "exists:"),
 ]
 
@@ -169,10 +178,66 @@ PLAN_FLAGS_REJECTED = [
 ]
 
 
+# Near misses of the commands the image step and the empty-PROJECT_ID lookup added: each must be caught too.
+NEW_COMMANDS_MISSPELT = [
+    ["config", "get-value", "projects"],
+    ["compute", "images", "describe-from-family", "f", "--project=p", "--families=f"],
+    [
+        "compute",
+        "images",
+        "create",
+        "i",
+        "--project=p",
+        "--source-disk=b",
+        "--source-disk-zones=us-central1-a",
+    ],
+    ["compute", "images", "list", "--project=p", "--no-standard-image"],
+    [
+        "compute",
+        "instances",
+        "create",
+        "b",
+        "--project=p",
+        "--zone=us-central1-a",
+        "--provisioning-model=STANDARDS",
+    ],
+    [
+        "compute",
+        "instances",
+        "create",
+        "b",
+        "--project=p",
+        "--zone=us-central1-a",
+        "--shielded-secure-boot=false",
+    ],
+]
+
+
 def test_the_harness_rejects_what_the_real_cli_rejects(gcloud_lib: Path, tmp_path: Path) -> None:
-    """The original plan's flags that gcloud refuses (shared/gcp-facts.md): the check must catch each."""
-    results = run_parser(gcloud_lib, PLAN_FLAGS_REJECTED, tmp_path)
-    assert len(rejected(results)) == len(PLAN_FLAGS_REJECTED), results
+    """The original plan's flags that gcloud refuses (shared/gcp-facts.md), and near misses of the newer
+    commands: the check must catch each."""
+    commands = PLAN_FLAGS_REJECTED + NEW_COMMANDS_MISSPELT
+    results = run_parser(gcloud_lib, commands, tmp_path)
+    assert len(rejected(results)) == len(commands), [r for r in results if not rejected([r])]
+
+
+def test_the_image_commands_are_in_the_corpus(corpus: dict[str, list[str]]) -> None:
+    printed = {verb_path(key.split("\x00")) for key in corpus}
+    for verb in (
+        "config get-value",
+        "compute images describe-from-family",
+        "compute images create",
+        "compute images list",
+        "compute images delete",
+        "compute instances create",
+    ):
+        assert verb in printed, verb
+    builder = next(
+        key.split("\x00")
+        for key in corpus
+        if key.startswith("compute\x00instances\x00create\x00") and "triplet-bake=true" in key
+    )
+    assert "--provisioning-model=STANDARD" in builder
 
 
 def test_no_generated_command_uses_the_flags_the_plan_got_wrong(corpus: dict[str, list[str]]) -> None:
