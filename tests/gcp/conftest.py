@@ -73,11 +73,26 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]
     url = f"http://127.0.0.1:{port}"
     log = open(root.parent / "fake-gcs.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-         "-backend", "filesystem", "-filesystem-root", str(root / "data"), "-log-level", "warn"],
+        [
+            str(binary),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            str(root / "data"),
+            "-log-level",
+            "warn",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -84,9 +84,13 @@ def test_config_from_metadata(tmp_path: Path, metadata_server: MetadataServer) -
     # Later steps read the stored settings, not the metadata server.
     n = len(metadata_server.requests)
     got = subprocess.run(
-        ["bash", "-c", 'source gcp/scripts/lib.sh; vm vm get on-done; vm vm get extract-archives'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        ["bash", "-c", "source gcp/scripts/lib.sh; vm vm get on-done; vm vm get extract-archives"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert got.returncode == 0, got.stderr
     assert got.stdout.split() == ["stop", "true"]
     assert len(metadata_server.requests) == n

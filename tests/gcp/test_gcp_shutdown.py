@@ -27,10 +27,15 @@ def vm(tmp_path: Path, metadata_server: MetadataServer) -> dict[str, object]:
     that says the system runs."""
     work = tmp_path / "work"
     config = run_script(
-        "startup_preprocess.sh", "config",
-        env=script_env(tmp_path, TRIPLET_RUN_ID="run-1", TRIPLET_CHECKPOINT_URI=str(tmp_path / "bucket"),
-                       TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml"),
-    )  # fmt: skip
+        "startup_preprocess.sh",
+        "config",
+        env=script_env(
+            tmp_path,
+            TRIPLET_RUN_ID="run-1",
+            TRIPLET_CHECKPOINT_URI=str(tmp_path / "bucket"),
+            TRIPLET_PREPROCESS_CONFIG_PATH="configs/demo.yaml",
+        ),
+    )
     assert config.returncode == 0, config.stderr
     (work / "state").mkdir(parents=True)
     (work / "state" / "preprocess.json").write_text(json.dumps({"status": "running", "attempts": 1}))

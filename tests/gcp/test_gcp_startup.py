@@ -159,23 +159,31 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     for _ in range(2):
         direct = subprocess.run(
             [sys.executable, "-m", "building_image_triplet_model.vm", "checkpoint"],
-            cwd=REPO, env={k: v for k, v in env.items() if k != "TRIPLET_LOG_FILE"},
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            cwd=REPO,
+            env={k: v for k, v in env.items() if k != "TRIPLET_LOG_FILE"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert direct.returncode == 0, direct.stderr
     assert " pushed " not in direct.stderr
 
     # A new work disk: nothing local. The bucket has state: restore it, then continue.
     old_work = tmp_path / "work"
-    before = {p.relative_to(old_work).as_posix(): p.read_bytes()
-              for p in (old_work / "output" / "dataset.work").rglob("*")
-              if p.is_file() and p.name != "lock" and not p.name.endswith(".tmp")}  # fmt: skip
+    before = {
+        p.relative_to(old_work).as_posix(): p.read_bytes()
+        for p in (old_work / "output" / "dataset.work").rglob("*")
+        if p.is_file() and p.name != "lock" and not p.name.endswith(".tmp")
+    }
     shutil.move(old_work, tmp_path / "old-work")
     r = run_script("startup_preprocess.sh", "config", "restore", env=env)
     assert r.returncode == 0, r.stderr
     assert "restoring it" in r.stderr
-    after = {p.relative_to(old_work).as_posix(): p.read_bytes()
-             for p in (old_work / "output" / "dataset.work").rglob("*") if p.is_file()}  # fmt: skip
+    after = {
+        p.relative_to(old_work).as_posix(): p.read_bytes()
+        for p in (old_work / "output" / "dataset.work").rglob("*")
+        if p.is_file()
+    }
     assert after == before
     assert marker(tmp_path / "work", "preprocess")["status"] == "done"
     assert marker(tmp_path / "work", "done")["status"] == "done"
@@ -260,8 +268,12 @@ def test_when_done_stop_uses_gcloud_with_the_instance_identity(
 ) -> None:
     calls = tmp_path / "gcloud-calls.txt"
     gcloud = fake_tool(tmp_path / "gcloud", f'printf "%s\\n" "$*" >> {calls}\n')
-    env = flow_env(tmp_path, TRIPLET_METADATA="required", GCE_METADATA_HOST=metadata_server.host,
-                   TRIPLET_GCLOUD=str(gcloud))  # fmt: skip
+    env = flow_env(
+        tmp_path,
+        TRIPLET_METADATA="required",
+        GCE_METADATA_HOST=metadata_server.host,
+        TRIPLET_GCLOUD=str(gcloud),
+    )
     del env["TRIPLET_RUN_ID"]
     metadata_server.attributes["triplet-on-done"] = "stop"
     r = run_script("startup_preprocess.sh", env=env)
@@ -284,8 +296,12 @@ def test_on_done_in_a_managed_group_goes_through_the_group(
 ) -> None:
     calls = tmp_path / "gcloud-calls.txt"
     gcloud = fake_tool(tmp_path / "gcloud", f'printf "%s\\n" "$*" >> {calls}\n')
-    env = flow_env(tmp_path, TRIPLET_METADATA="required", GCE_METADATA_HOST=metadata_server.host,
-                   TRIPLET_GCLOUD=str(gcloud))  # fmt: skip
+    env = flow_env(
+        tmp_path,
+        TRIPLET_METADATA="required",
+        GCE_METADATA_HOST=metadata_server.host,
+        TRIPLET_GCLOUD=str(gcloud),
+    )
     metadata_server.attributes.update(
         {
             "triplet-on-done": "delete",
@@ -315,13 +331,39 @@ def test_the_gcloud_commands_parse(tmp_path: Path) -> None:
     }
     for args in (
         ["compute", "instances", "stop", "vm", "--zone=us-central1-a", "--project=test-project", "--quiet"],
-        ["compute", "instances", "delete", "vm", "--zone=us-central1-a", "--project=test-project",
-         "--keep-disks=data", "--quiet"],
-        ["compute", "instance-groups", "managed", "stop-instances", "mig", "--instances=vm",
-         "--zone=us-central1-a", "--project=test-project", "--quiet"],
-        ["compute", "instance-groups", "managed", "delete-instances", "mig", "--instances=vm",
-         "--region=us-central1", "--project=test-project", "--quiet"],
-    ):  # fmt: skip
+        [
+            "compute",
+            "instances",
+            "delete",
+            "vm",
+            "--zone=us-central1-a",
+            "--project=test-project",
+            "--keep-disks=data",
+            "--quiet",
+        ],
+        [
+            "compute",
+            "instance-groups",
+            "managed",
+            "stop-instances",
+            "mig",
+            "--instances=vm",
+            "--zone=us-central1-a",
+            "--project=test-project",
+            "--quiet",
+        ],
+        [
+            "compute",
+            "instance-groups",
+            "managed",
+            "delete-instances",
+            "mig",
+            "--instances=vm",
+            "--region=us-central1",
+            "--project=test-project",
+            "--quiet",
+        ],
+    ):
         r = subprocess.run(["gcloud", *args], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1, r.stderr
         assert "active account" in r.stderr
@@ -344,8 +386,12 @@ def test_systemd_mode_starts_the_job_as_its_own_unit(tmp_path: Path) -> None:
         """,
     )
     systemctl = fake_tool(tmp_path / "systemctl", "exit 3\n")  # is-active: inactive
-    env = flow_env(tmp_path, TRIPLET_RUN_MODE="systemd", TRIPLET_SYSTEMD_RUN=str(systemd_run),
-                   TRIPLET_SYSTEMCTL=str(systemctl))  # fmt: skip
+    env = flow_env(
+        tmp_path,
+        TRIPLET_RUN_MODE="systemd",
+        TRIPLET_SYSTEMD_RUN=str(systemd_run),
+        TRIPLET_SYSTEMCTL=str(systemctl),
+    )
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr + (tmp_path / "unit.log").read_text()
     args = calls.read_text().splitlines()
@@ -360,8 +406,13 @@ def test_systemd_mode_starts_the_job_as_its_own_unit(tmp_path: Path) -> None:
 
 
 def git(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
@@ -383,8 +434,12 @@ def origin(tmp_path: Path) -> Path:
 
 
 def test_repo_step_clones_then_fast_forwards(tmp_path: Path, origin: Path) -> None:
-    env = script_env(tmp_path, TRIPLET_SKIP_REPO="0", TRIPLET_REPO_URL=f"file://{origin}",
-                     TRIPLET_REPO_DIR=str(tmp_path / "work" / "repo"))  # fmt: skip
+    env = script_env(
+        tmp_path,
+        TRIPLET_SKIP_REPO="0",
+        TRIPLET_REPO_URL=f"file://{origin}",
+        TRIPLET_REPO_DIR=str(tmp_path / "work" / "repo"),
+    )
     r = run_script("startup_preprocess.sh", "repo", env=env)
     assert r.returncode == 0, r.stderr
     repo = tmp_path / "work" / "repo"
@@ -536,9 +591,12 @@ def test_a_preemption_while_both_run_resumes_both(
     archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
     range_server.rate = archives[0].stat().st_size // 2  # ~2 s per archive, one at a time
     env = http_flow_env(
-        tmp_path, range_server, [a.name for a in archives],
-        TRIPLET_METADATA="required", GCE_METADATA_HOST=metadata_server.host,
-    )  # fmt: skip
+        tmp_path,
+        range_server,
+        [a.name for a in archives],
+        TRIPLET_METADATA="required",
+        GCE_METADATA_HOST=metadata_server.host,
+    )
     work, archive_dir = tmp_path / "work", tmp_path / "raw" / "dataset_unaligned"
     part = tmp_path / "raw" / ".triplet-downloads" / "partial" / "dataset_unaligned" / archives[1].name
     proc = start_script("startup_preprocess.sh", env=env, log=tmp_path / "first-boot.log")
@@ -559,8 +617,9 @@ def test_a_preemption_while_both_run_resumes_both(
         kill_group(proc, signal.SIGKILL)
         proc.wait(30)
     assert (marker(work, "download")["status"], marker(work, "preprocess")["status"]) == (
-        "interrupted", "interrupted",
-    )  # fmt: skip
+        "interrupted",
+        "interrupted",
+    )
     events = marker(work, "preemptions")["events"]
     assert (marker(work, "preemptions")["count"], events[-1]["phase"]) == (1, "preprocess")
     assert not (archive_dir / archives[1].name).exists()

@@ -32,10 +32,17 @@ PRE_FIX_COMMIT = "3a55273"
 def driver_package() -> str:
     """The first of system.sh's NVIDIA_DRIVER_PACKAGES, read by bash itself."""
     r = subprocess.run(
-        ["bash", "-c", 'set -Eeuo pipefail; source "$1"; printf "%s\\n" "${NVIDIA_DRIVER_PACKAGES[0]}"', "-",
-         str(SCRIPTS / "system.sh")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            "bash",
+            "-c",
+            'set -Eeuo pipefail; source "$1"; printf "%s\\n" "${NVIDIA_DRIVER_PACKAGES[0]}"',
+            "-",
+            str(SCRIPTS / "system.sh"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -59,10 +66,18 @@ def private_apt(tmp: Path) -> list[str]:
     (parts / "gce-backports.sources").write_text(BACKPORTS)
     # As system.sh runs it: Debian's python3 with the repository on its path, before any environment exists.
     r = subprocess.run(
-        ["python3", "-m", "building_image_triplet_model.vm.apt_sources", str(etc / "sources.list"),
-         *map(str, sorted(parts.glob("*.sources")))],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            "python3",
+            "-m",
+            "building_image_triplet_model.vm.apt_sources",
+            str(etc / "sources.list"),
+            *map(str, sorted(parts.glob("*.sources"))),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) >= 1, "contrib/non-free were enabled somewhere"
     assert "non-free" in (parts / "gce-backports.sources").read_text()
