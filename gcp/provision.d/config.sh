@@ -192,16 +192,21 @@ resolve_repo_url() {
 	[[ -z ${CFG[REPO_URL]} ]] || return 0
 	local url=""
 	url=$(git -C "$PROVISION_REPO" remote get-url origin 2>/dev/null) || url=""
+	local why=""
 	if [[ -z $url ]]; then
+		why="$PROVISION_REPO has no 'origin' remote"
+	elif [[ ! $url =~ $URL_RE ]]; then
+		why="origin ($url) is not a URL the VM can clone (https://, ssh://, git@ or file:///)"
+	fi
+	if [[ -n $why ]]; then
+		# A dry run contacts nothing and clones nothing: it shows the placeholder; a real run refuses.
 		if ((DRY_RUN)); then
-			note "REPO_URL is empty and $PROVISION_REPO has no 'origin' remote; this dry run shows $DRY_RUN_REPO_URL"
+			note "REPO_URL is empty and $why; this dry run shows $DRY_RUN_REPO_URL"
 			CFG[REPO_URL]=$DRY_RUN_REPO_URL
 			return 0
 		fi
-		die "REPO_URL is empty and $PROVISION_REPO has no 'origin' remote: set REPO_URL (--set REPO_URL=https://...)"
+		die "REPO_URL is empty and $why: set REPO_URL (--set REPO_URL=https://...)"
 	fi
-	[[ $url =~ $URL_RE ]] ||
-		die "REPO_URL is empty and origin ($url) is not a URL the VM can clone (https://, ssh://, git@ or file:///): set REPO_URL"
 	case $url in
 	https://*) ;;
 	*) warn "REPO_URL is origin's $url: the VM clones it with no SSH key or local file system of yours; an https:// URL is what works there" ;;

@@ -201,6 +201,10 @@ def test_real_runs_refuse_placeholders_and_unresolvable_defaults(
     assert code == 2
     assert "is not a URL the VM can clone" in err
     assert mutations(fake_cloud.calls()) == []
+    # A dry run clones nothing: with the same origin it shows the placeholder and says why.
+    proc = run_script(script, ["--dry-run", "template"])
+    assert "is not a URL the VM can clone" in proc.stdout
+    assert "triplet-repo-url=https://github.com/your-org/" in proc.stdout
 
 
 def test_empty_project_and_repo_url_are_resolved(tmp_path: Path, fake_cloud: FakeCloud) -> None:
