@@ -33,6 +33,9 @@ class Backbone:
     identity: ModelIdentity
     output_size: int
     channels_last: bool = False
+    # torch.set_num_threads is per calling thread (OpenMP), and the model is loaded in another thread than
+    # the one that runs it: embed() applies the count in the thread it runs in.
+    cpu_threads: int | None = None
     _norm: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -42,6 +45,8 @@ class Backbone:
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC pixels (any device) -> float32 embeddings on the device. The one forward path: the
         pipeline and the benchmarks' forward-only figures both run exactly this."""
+        if self.cpu_threads is not None and torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
         if self._norm is None:
             scale = 255.0
             mean = torch.tensor(self.identity.mean, device=self.device).view(1, 3, 1, 1) * scale
@@ -59,8 +64,9 @@ class Backbone:
 def load(cfg: DataConfig, resolved: Resolved) -> Backbone:
     device = torch.device(resolved.device)
     precision = resolved.precision
-    if device.type == "cpu":
-        torch.set_num_threads(machine.model_threads(cfg, device.type))
+    threads = machine.model_threads(cfg, device.type) if device.type == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     kwargs = model_kwargs(cfg)
     if resolved.weights_file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": resolved.weights_file, "source": "", "custom_load": False}
@@ -90,4 +96,4 @@ def load(cfg: DataConfig, resolved: Resolved) -> Backbone:
         list(resolved.identity.input_size),
         resolved.output_size,
     )
-    return Backbone(model, device, resolved.identity, resolved.output_size, cfg.channels_last)
+    return Backbone(model, device, resolved.identity, resolved.output_size, cfg.channels_last, threads)

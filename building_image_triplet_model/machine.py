@@ -15,23 +15,25 @@ def cpu_count() -> int:
 
 def decode_workers(cfg: DataConfig, device_type: str) -> int:
     """DataLoader workers. On a GPU the model needs one core and the chunk writer a little: every other
-    core decodes. On the CPU the model is the bottleneck (resnet18 at 224 px: ~35 img/s per thread against
-    ~200 img/s of decoding per core), so a quarter of the cores decode and the rest run the model."""
+    core decodes. On the CPU the model is the bottleneck and runs on every core; one worker per core keeps
+    its queue full while the model holds the cores (on 2 cores 1 worker lost ~13 % against 2 or 4)."""
     if cfg.num_workers is not None:
         return cfg.num_workers
     cores = cpu_count()
     if device_type == "cuda":
         return max(1, cores - 2)
-    return max(1, cores // 4)
+    return cores
 
 
 def model_threads(cfg: DataConfig, device_type: str) -> int:
-    """torch's intra-op threads for a model on the CPU: the cores the decode workers leave."""
+    """torch's intra-op threads for a model on the CPU: every core. The decode workers are other processes
+    that spend most of their time waiting for the model: on 2 cores, 2 workers and 2 threads embedded at
+    ~31 img/s where 1 worker and 1 thread gave ~18 (benchmarks/bench_pipeline.py)."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
     if device_type == "cuda":
         return 1  # the model runs on the GPU; a CPU thread only launches kernels
-    return max(1, cpu_count() - decode_workers(cfg, device_type))
+    return cpu_count()
 
 
 def index_workers(cfg: DataConfig) -> int:

@@ -328,3 +328,27 @@ def test_nothing_to_embed_is_done_at_once(ref: Ref, tiny: Any, tmp_path: Path) -
     w = ref.work(tmp_path, "0003", np.zeros(0, np.int64))
     assert embed.embed_all([w], tiny, ref.reader, ref.cfg, threading.Event()) is True
     assert not w.store.folder.exists()
+
+
+def test_the_model_runs_with_its_thread_count_in_the_thread_that_runs_it(tiny: Any) -> None:
+    """torch.set_num_threads is per thread: the pipeline loads the model in a loader thread and runs it in
+    another, which must still get the configured count (here 1), not torch's default."""
+    import torch
+
+    assert tiny.cpu_threads == 1
+    seen: list[int] = []
+    hook = tiny.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+
+        def other_thread() -> None:
+            torch.set_num_threads(2)
+            tiny.embed(torch.zeros((1, 32, 32, 3), dtype=torch.uint8))
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == [1]

@@ -450,3 +450,15 @@ def test_committed_configs_have_no_warnings(name):
 
 def test_there_are_committed_configs():
     assert {"demo.yaml", "laptop.yaml", "vm.yaml"} <= {p.name for p in (REPO / "configs").glob("*.yaml")}
+
+
+def test_unset_workers_and_threads_follow_the_cores_this_process_may_use(tmp_path):
+    from building_image_triplet_model import machine
+
+    cores = len(os.sched_getaffinity(0))
+    cfg = load(tmp_path)
+    # On the CPU the model is the bound: it gets every core, and one decode worker per core feeds it.
+    assert (machine.decode_workers(cfg, "cpu"), machine.model_threads(cfg, "cpu")) == (cores, cores)
+    assert (machine.decode_workers(cfg, "cuda"), machine.model_threads(cfg, "cuda")) == (max(1, cores - 2), 1)
+    cfg = load(tmp_path, num_workers=3, cpu_threads=2)
+    assert (machine.decode_workers(cfg, "cpu"), machine.model_threads(cfg, "cpu")) == (3, 2)
