@@ -10,7 +10,7 @@ UV ?= uv
 export UV_PYTHON_DOWNLOADS := never
 RUN := $(UV) run --frozen
 
-.PHONY: help setup sys-deps demo demo-clean test test-fast lint format bench bench-gpu-small clean
+.PHONY: help setup sys-deps demo demo-clean test test-fast lint format clean
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
@@ -29,9 +29,10 @@ sys-deps: ## Debian packages the tests and the dry run use (aria2, curl; git, e2
 
 demo: setup sys-deps dry-run ## sample archives -> download -> extract -> preprocess (CPU, tiny model) -> status
 
-demo-clean: dry-run-clean ## forget the demo's output so that `make demo` starts from nothing
+demo-clean: dry-run-clean ## forget the demo's output and sample archives so that `make demo` starts from nothing
+	rm -rf $(DRY_RUN_ARCHIVES)
 
-test: setup sys-deps ## the whole test suite (~10 min on 2 cores)
+test: setup sys-deps ## the whole test suite (~15 min on 2 cores)
 	$(RUN) pytest -q
 
 test-fast: setup ## the suite without the slow end-to-end drills
@@ -46,10 +47,20 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-bench: setup ## every benchmark; figures in benchmarks/results/ (*.json and README.md)
+.PHONY: bench bench-quick bench-record bench-gpu-small
+bench: setup sys-deps ## every benchmark (~40 min on 2 cores); figures in build/bench/results/ (tracked files untouched)
 	$(RUN) python benchmarks/run_all.py
 
-bench-gpu-small: setup ## the prepared GPU benchmark at tiny sizes (proves it runs without a GPU)
+bench-quick: setup sys-deps ## every benchmark at small sizes (proves each runs); build/bench/quick/results/
+	$(RUN) python benchmarks/run_all.py --quick
+
+bench-record: ## copy the last `make bench` (build/bench/results/) into benchmarks/results/ (tracked)
+	@test -f build/bench/results/README.md || { echo "no finished run in build/bench/results: make bench"; exit 1; }
+	@if grep -q '"quick": true' build/bench/results/*.json; then echo "build/bench/results holds quick figures"; exit 1; fi
+	rm -f benchmarks/results/*.json
+	cp build/bench/results/*.json build/bench/results/README.md benchmarks/results/
+
+bench-gpu-small: setup ## the prepared GPU benchmark at tiny sizes on the CPU (proves it runs without a GPU)
 	$(RUN) python benchmarks/gpu.py --small
 
 clean: ## remove build outputs (sample archives, demo, benchmark scratch); keeps .venv

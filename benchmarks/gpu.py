@@ -1,18 +1,27 @@
 """The prepared GPU benchmark: one script, under 8 minutes on one GPU.
 
-Measures forward-only images/s of vit_base_patch14_dinov2 at 518 (random weights) in FP32, TF32, bf16
-autocast and bf16 + torch.compile over a few batch sizes, resnet50 at 224 in bf16 with and without
-channels_last, JPEG decoding on the GPU, then the real pipeline's ratio (archives -> decode workers ->
-model -> chunk files) against forward-only on generated archives. Prints a table last and writes JSON.
+1. Forward-only images/s of vit_base_patch14_dinov2.lvd142m at 518 (random weights) through the engine's
+   own path (preflight.resolve, backbone.load, Backbone.embed on uint8 pixels already on the host, pinned)
+   in fp32, tf32, bf16 and fp16 autocast over batch sizes 32/64/128; then bf16 + torch.compile at batch 64
+   (its compile time too).
+2. The real pipeline (pipeline.execute: archives read in place, decode workers, model, chunk writer,
+   artifact) on generated archives with the production settings of configs/vm.yaml (device cuda, bf16,
+   batch 64, its decode workers or the machine's default), random weights instead of the hub's: images/s
+   of the embedding step (Hooks.on_batch) and its ratio to forward-only at the same settings.
+3. If time is left: torchvision's decode_jpeg on the GPU (640 px JPEGs).
 
-    python benchmarks/gpu.py [--out DIR]          # on a GPU: the real sizes
-    python benchmarks/gpu.py --small              # anywhere (the CPU): tiny sizes, proves the script runs
+Every figure is the median of repeats with the values kept; a case that would start past the time budget
+is skipped and says so. Order: bf16 (production) forward-only, the pipeline, the other precisions, compile,
+decode, so that what matters most runs first. A table is printed last; JSON goes to $OUT when set, else
+build/bench/results.
+
+    python benchmarks/gpu.py [--out DIR] [--budget-s 420]      # on a GPU: the real sizes
+    python benchmarks/gpu.py --small                           # anywhere (the CPU): tiny, proves it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -22,215 +31,246 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
+from common import QUICK_RESULTS, REPO, RESULTS, Bench, median, stat  # noqa: E402
 
-from building_image_triplet_model import backbone, config, pipeline, sample_data  # noqa: E402
-
-
-def cfg_for(model: str, size: int, precision: str, device: str, **kw: Any) -> config.DataConfig:
-    return config.from_mapping(
-        {
-            "input_dir": "unused",
-            "hdf5_path": str(Path(tempfile.gettempdir()) / "gpu_bench.h5"),
-            "feature_model": model,
-            "image_size": size,
-            "pretrained": False,
-            "device": device,
-            "precision": precision,
-            **kw,
-        }
-    )
+from building_image_triplet_model import backbone, config, machine, pipeline, preflight, sample_data  # noqa: E402
+from building_image_triplet_model.context import Hooks  # noqa: E402
 
 
-def forward_rate(bb: backbone.Backbone, batch: int, size: int, seconds: float) -> float:
+def load(data: dict[str, Any]) -> tuple[config.DataConfig, backbone.Backbone]:
+    cfg = config.from_mapping(data)
+    return cfg, backbone.load(cfg, preflight.resolve(cfg))
+
+
+def forward_rate(bb: backbone.Backbone, batch: int, size: int, seconds: float, repeats: int) -> list[float]:
+    """Backbone.embed on one uint8 batch (pinned on CUDA), results to the host, as the pipeline does."""
+    cuda = bb.device.type == "cuda"
     x8 = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8)
-    if bb.device.type == "cuda":
+    if cuda:
         x8 = x8.pin_memory()
 
     def sync() -> None:
-        if bb.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
+    rates = []
     with torch.inference_mode():
         for _ in range(3):
-            bb.embed(x8)
+            bb.embed(x8).cpu()
         sync()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or n < 3:
-            bb.embed(x8)
-            n += 1
-        sync()
-    return n * batch / (time.perf_counter() - t0)
+        for _ in range(repeats):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds or n < 2:
+                bb.embed(x8).to("cpu", non_blocking=cuda)
+                n += 1
+            sync()
+            rates.append(n * batch / (time.perf_counter() - t0))
+    return rates
 
 
-def pipeline_ratio(
-    model: str,
-    size: int,
-    precision: str,
-    device: str,
-    batch: int,
-    images: int,
-    work: Path,
-    workers: int,
-    compile_: bool,
-) -> dict[str, float]:
-    archives = work / "archives"
-    if not archives.exists():
-        per = max(4, images // 4 // 4)
-        sample_data.generate(
-            sample_data.Options(out=archives, archives=4, targets_per_archive=per, image_pool=32)
+def production_data(small: bool, archives: Path, out: Path, images: int) -> dict[str, Any]:
+    """configs/vm.yaml's data section, with the paths, the images and random weights of this benchmark."""
+    data = dict(yaml.safe_load((REPO / "configs" / "vm.yaml").read_text())["data"])
+    data.pop("weights_path", None)
+    data.update(input_dir=str(archives), hdf5_path=str(out / "d.h5"), pretrained=False, n_images=images)
+    data.pop("manifest", None)
+    data.pop("work_dir", None)
+    if small:
+        # The machine's default decode workers (vm.yaml's count is for a 16-vCPU VM).
+        data.update(
+            feature_model="test_vit.r160_in1k", image_size=64, device="cpu", batch_size=8, num_workers=None
         )
-    out = work / "pipeline"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = config.from_mapping(
-        {
-            "input_dir": str(archives),
-            "hdf5_path": str(out / "d.h5"),
-            "feature_model": model,
-            "image_size": size,
-            "pretrained": False,
-            "device": device,
-            "precision": precision,
-            "batch_size": batch,
-            "num_workers": workers,
-            "n_images": images,
-            "compile": compile_,
-            "knn_k": 10,
-        }
-    )
-    stamps: list[tuple[float, int]] = []
-
-    def hooks(runner: pipeline.Runner) -> None:
-        runner.on_batch = lambda n: stamps.append((time.perf_counter(), n))
-
-    assert pipeline.execute(cfg, hooks=hooks) == 0
-    skip = min(3, len(stamps) - 2)  # warm-up batches (and compilation) are not throughput
-    rows = sum(n for _, n in stamps[skip + 1 :])
-    pipe = rows / (stamps[-1][0] - stamps[skip][0])
-    fwd = forward_rate(backbone.load(cfg), batch, size, 10.0 if device == "cuda" else 2.0)
-    return {
-        "pipeline_images_per_s": round(pipe, 1),
-        "forward_only_images_per_s": round(fwd, 1),
-        "ratio": round(pipe / fwd, 3),
-        "decode_workers": workers,
-        "batch": batch,
-        "images": rows,
-    }
+    return data
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="tiny models and sizes (for a CPU)")
-    ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")), help="folder for gpu.json")
-    ap.add_argument("--seconds", type=float, default=None, help="measuring time per case")
+    ap.add_argument("--small", action="store_true", help="tiny models and sizes on the CPU (proves it runs)")
+    ap.add_argument("--quick", action="store_true", help="as --small (for run_all.py --quick)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder for the JSON (default: $OUT, else results)"
+    )
+    ap.add_argument("--seconds", type=float, default=None, help="measuring time per repeat")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip cases that would start after this")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.small
+    small = args.small or args.quick or not torch.cuda.is_available()
+    cuda = not small
     device = "cuda" if cuda else "cpu"
-    seconds = args.seconds or (6.0 if cuda else 1.0)
-    vit, vit_size, batches = (
+    out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    out_dir = out_dir or (QUICK_RESULTS if args.quick else RESULTS)
+    bench = Bench("gpu" if cuda else "gpu_small_cpu", quick=args.quick, out=out_dir, repeats=3 if cuda else 2)
+    seconds = args.seconds or (3.0 if cuda else 0.3)
+    deadline = time.monotonic() + args.budget_s
+
+    def time_left(what: str) -> bool:
+        if time.monotonic() < deadline:
+            return True
+        bench.not_measured[what] = f"skipped: past the {args.budget_s:.0f} s budget"
+        return False
+
+    vit, size, batches = (
         ("vit_base_patch14_dinov2.lvd142m", 518, [32, 64, 128])
         if cuda
-        else ("test_vit.r160_in1k", 64, [8, 16])
+        else ("test_vit.r160_in1k", 64, [4, 8])
     )
-    cnn, cnn_size, cnn_batch = ("resnet50", 224, 128) if cuda else ("resnet18", 64, 16)
-    rows: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    modes = ["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"]
-    for precision in modes:
-        bb = backbone.load(cfg_for(vit, vit_size, precision, device))
+    precisions = ["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"]
+    base = {
+        "input_dir": "unused",
+        "hdf5_path": str(Path(tempfile.gettempdir()) / "gpu_bench.h5"),
+        "feature_model": vit,
+        "image_size": size,
+        "pretrained": False,
+        "device": device,
+    }
+    bench.settings = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "small": small,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "model": vit,
+        "image_size": size,
+        "seconds_per_repeat": seconds,
+        "repeats": bench.repeats,
+    }
+    table: list[tuple[str, int, str, float]] = []
+
+    def forward_cases(precision: str) -> None:
+        if not time_left(f"forward_{precision}"):
+            return
+        _, bb = load({**base, "precision": precision})
         for batch in batches:
-            rows.append(
-                {
-                    "model": vit,
-                    "size": vit_size,
-                    "precision": precision,
-                    "batch": batch,
-                    "compile": False,
-                    "images_per_s": round(forward_rate(bb, batch, vit_size, seconds), 1),
-                }
+            if not time_left(f"forward_{precision}_b{batch}"):
+                continue
+            rates = forward_rate(bb, batch, size, seconds, bench.repeats)
+            bench.figures[f"forward_{precision}_b{batch}_images_per_s"] = stat(rates, "images/s", 1)
+            table.append((precision, batch, "eager", median(rates)))
+            bench.log(f"{precision} batch {batch}: {median(rates):.1f} img/s")
+        del bb
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def compile_case() -> None:
+        if not cuda:
+            bench.not_measured["compile"] = (
+                "GPU only (torch.compile on the CPU needs a C++ toolchain and minutes)"
             )
+            return
+        if not time_left("forward_bf16_compile_b64"):
+            return
+        t0 = time.perf_counter()
+        _, bb = load({**base, "precision": "bf16", "compile": True})
+        x8 = torch.randint(0, 255, (64, size, size, 3), dtype=torch.uint8).pin_memory()
+        with torch.inference_mode():
+            bb.embed(x8).cpu()
+        bench.figures["forward_bf16_compile_first_batch_s"] = round(time.perf_counter() - t0, 1)
+        rates = forward_rate(bb, 64, size, seconds, bench.repeats)
+        bench.figures["forward_bf16_compile_b64_images_per_s"] = stat(rates, "images/s", 1)
+        table.append(("bf16", 64, "compile", median(rates)))
+        bench.log(f"bf16 + compile batch 64: {median(rates):.1f} img/s")
         del bb
-    best = max((r for r in rows if r["precision"] == "bf16"), key=lambda r: r["images_per_s"])
-    if cuda:
-        bb = backbone.load(cfg_for(vit, vit_size, "bf16", device, compile=True))
-        rows.append(
-            {
-                "model": vit,
-                "size": vit_size,
-                "precision": "bf16",
-                "batch": best["batch"],
-                "compile": True,
-                "images_per_s": round(forward_rate(bb, best["batch"], vit_size, seconds), 1),
+        torch.cuda.empty_cache()
+
+    def pipeline_case() -> None:
+        """The real pipeline with the production settings, against forward-only at the same settings."""
+        images = 3000 if cuda else 64
+        runs = 3 if cuda else 1
+        with tempfile.TemporaryDirectory() as tmp:
+            archives = Path(tmp) / "archives"
+            sample_data.generate(
+                sample_data.Options(
+                    out=archives, archives=4, targets_per_archive=max(8, images // 16), image_pool=32
+                )
+            )
+            pipe: list[float] = []
+            resolved_workers = None
+            for r in range(runs):
+                if not time_left(f"pipeline_run{r + 1}"):
+                    break
+                out = Path(tmp) / f"run{r}"
+                cfg = config.from_mapping(production_data(small, archives, out, images))
+                stamps: list[tuple[float, int]] = []
+
+                def on_batch(n: int, stamps: list[tuple[float, int]] = stamps) -> None:
+                    stamps.append((time.perf_counter(), n))
+
+                assert pipeline.execute(cfg, hooks=Hooks(on_batch=on_batch)) == 0
+                skip = min(3, max(0, len(stamps) - 3))  # warm-up batches (cuDNN, workers) are not throughput
+                pipe.append(sum(n for _, n in stamps[skip + 1 :]) / (stamps[-1][0] - stamps[skip][0]))
+                resolved_workers = machine.decode_workers(cfg, device)
+                shutil.rmtree(out, ignore_errors=True)
+                bench.log(f"pipeline run {r + 1}: {pipe[-1]:.1f} img/s")
+            if not pipe:
+                return
+            cfg, bb = load(production_data(small, archives, Path(tmp) / "fwd", images))
+            fwd = forward_rate(bb, cfg.batch_size, bb.identity.input_size[-1], seconds, bench.repeats)
+            bench.figures["pipeline_images_per_s"] = stat(pipe, "images/s", 1)
+            bench.figures["pipeline_forward_only_images_per_s"] = stat(fwd, "images/s", 1)
+            bench.figures["pipeline_over_forward_only"] = round(median(pipe) / median(fwd), 3)
+            bench.settings["pipeline"] = {
+                "from": "configs/vm.yaml, pretrained: false, paths and n_images of this benchmark",
+                "feature_model": cfg.feature_model,
+                "precision": cfg.precision,
+                "batch_size": cfg.batch_size,
+                "num_workers_config": cfg.num_workers,
+                "decode_workers": resolved_workers,
+                "images_per_run": images,
+                "runs": len(pipe),
             }
-        )
-        del bb
-    for channels_last in (False, True):
-        bb = backbone.load(cfg_for(cnn, cnn_size, "bf16", device, channels_last=channels_last))
-        rows.append(
-            {
-                "model": cnn,
-                "size": cnn_size,
-                "precision": "bf16",
-                "batch": cnn_batch,
-                "compile": False,
-                "channels_last": channels_last,
-                "images_per_s": round(forward_rate(bb, cnn_batch, cnn_size, seconds), 1),
-            }
-        )
-        del bb
-    extra: dict[str, Any] = {}
-    if cuda:
+            del bb
+
+    def decode_case() -> None:
+        if not cuda or not time_left("gpu_decode_jpeg"):
+            return
         try:
+            import numpy as np
             from torchvision.io import decode_jpeg
 
-            data = sample_data._jpeg(__import__("numpy").random.default_rng(0), 640, 85)
+            data = sample_data._jpeg(np.random.default_rng(0), 640, 85)
             tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8)] * 64
             decode_jpeg(tensors, device="cuda")
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                decode_jpeg(tensors, device="cuda")
-            torch.cuda.synchronize()
-            extra["gpu_decode_jpeg_640_images_per_s"] = round(20 * 64 / (time.perf_counter() - t0), 1)
-        except Exception as exc:
-            extra["gpu_decode_jpeg"] = f"not measured: {exc}"
-    workers = max(1, min(14, (os.cpu_count() or 2) - 2))
-    with tempfile.TemporaryDirectory() as tmp:
-        extra["pipeline"] = pipeline_ratio(
-            vit,
-            vit_size,
-            "bf16",
-            device,
-            best["batch"],
-            3000 if cuda else 96,
-            Path(tmp),
-            workers,
-            compile_=False,
+            rates = []
+            for _ in range(bench.repeats):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    decode_jpeg(tensors, device="cuda")
+                torch.cuda.synchronize()
+                rates.append(640 / (time.perf_counter() - t0))
+            bench.figures["gpu_decode_jpeg_640_images_per_s"] = stat(rates, "images/s", 1)
+        except Exception as exc:  # a measurement that cannot run is recorded, not fatal
+            bench.not_measured["gpu_decode_jpeg"] = f"{type(exc).__name__}: {exc}"
+
+    # The production precision and the pipeline first: they matter most if the budget runs out.
+    first = "bf16"
+    forward_cases(first)
+    pipeline_case()
+    for precision in precisions:
+        if precision != first:
+            forward_cases(precision)
+    compile_case()
+    decode_case()
+    if not cuda:
+        bench.notes.append(
+            "--small: tiny model and sizes on the CPU; the figures only prove that the script runs"
         )
-    doc = {
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "forward_only": rows,
-        **extra,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("gpu.json" if cuda else "gpu_small_cpu.json")).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\n{doc['device']}, torch {doc['torch']}, {doc['seconds']} s")
-    print(f"{'model':<34} {'size':>4} {'prec':>5} {'batch':>5} {'compile':>7} {'chl':>4} {'img/s':>9}")
-    for r in rows:
+    bench.write()
+    print(f"\n{bench.settings['device']}, torch {torch.__version__}")
+    print(f"{'precision':>9} {'batch':>5} {'mode':>8} {'img/s':>9}")
+    for precision, batch, mode, rate in table:
+        print(f"{precision:>9} {batch:>5} {mode:>8} {rate:>9.1f}")
+    if "pipeline_images_per_s" in bench.figures:
+        f = bench.figures
         print(
-            f"{r['model']:<34} {r['size']:>4} {r['precision']:>5} {r['batch']:>5} {r['compile']!s:>7} "
-            f"{r.get('channels_last', '-')!s:>4} {r['images_per_s']:>9}"
+            f"pipeline {f['pipeline_images_per_s']['median']:.1f} img/s, forward-only "
+            f"{f['pipeline_forward_only_images_per_s']['median']:.1f} img/s: ratio "
+            f"{f['pipeline_over_forward_only']}"
         )
-    print("pipeline vs forward-only:", json.dumps(extra["pipeline"]))
-    for key, value in extra.items():
-        if key != "pipeline":
-            print(f"{key}: {value}")
     return 0
 
 

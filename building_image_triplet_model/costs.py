@@ -74,8 +74,10 @@ class Inputs:
         1.0, "Spot preemptions per day of VM time (%(default)g)", flag="--preemption-rate-per-day"
     )
     checkpoint_interval_min: float = _input(30.0, "work lost per preemption is half of this (%(default)g)")
+    # The baked image's recreation: ~1.7 min measured and estimated (benchmarks/bench_bootstrap.py), rounded
+    # up; a plain debian-12 image needs ~10 (driver install again on every new boot disk).
     restart_min: float = _input(
-        20.0, "VM time to come back after a preemption: boot, driver check, resume (%(default)g)"
+        3.0, "VM time to come back after a preemption: boot, driver check, resume (%(default)g)"
     )
     capacity_wait_h: float = _input(0.5, "wall time without a VM after each preemption (%(default)g)")
     setup_h: float = _input(0.5, "first boot: driver, uv sync (%(default)g)")
