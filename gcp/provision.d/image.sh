@@ -75,6 +75,12 @@ do_image() {
 	wait_for_builder
 	local image
 	image="$family-$(date -u +%Y%m%d-%H%M%S)"
+	# A rebuild within the same second as the family's newest image (possible only when nothing is baked,
+	# as against the stand-in) would reuse its name: the next second's name is free.
+	while [[ $image == "${found:-}" ]]; do
+		sleep 1
+		image="$family-$(date -u +%Y%m%d-%H%M%S)"
+	done
 	gc_run compute images create "$image" "${P[@]}" --source-disk="$BUILDER_NAME" --source-disk-zone="$ZONE" \
 		--family="$family" --storage-location="$REGION" --labels="$LABELS" \
 		--description="${CFG[IMAGE_PROJECT]}/${CFG[IMAGE_FAMILY]} with the NVIDIA driver, aria2, git and uv (gcp/provision.sh image)"
