@@ -3,7 +3,8 @@
 The original project keeps one YAML for the trainer and the processor, so the file is read as it is:
 
 * other top-level sections (`model`, `train`, `logging`, `auto_batch_size`, ...) belong to the trainer and
-  are not read;
+  are not validated; only the width of the embeddings the `model:` section implies is read (TrainerModel),
+  for the preflight to compare with the model's;
 * keys of `data:` that only the trainer reads (TRAINER_KEYS) are known and ignored;
 * keys of the old preprocessing (LEGACY_KEYS) are accepted with one warning each that says what they mean
   now, and mapped where the meaning is the same (`accelerator: cuda` is `device: cuda`);
@@ -30,6 +31,18 @@ DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
 
 # data: keys that the trainer (GeoTripletDataModule) reads and this processor does not.
 TRAINER_KEYS = frozenset({"num_difficulty_levels", "ucb_alpha", "cache_size"})
+# The trainer (the original project's train.py) sizes its projection head from model.backbone_output_size,
+# or when that is null from timm's num_features of model.backbone, this one when the key is absent. It does
+# not read the artifact's backbone_output_size attribute, so a mismatch only shows when training starts.
+TRAINER_DEFAULT_BACKBONE = "tf_efficientnetv2_s.in21k_ft_in1k"
+
+
+@dataclass(frozen=True)
+class TrainerModel:
+    """What the trainer's `model:` section says about the width of the embeddings it will read."""
+
+    backbone: str
+    backbone_output_size: int | None
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,10 @@ class DataConfig:
     tar_record_bytes: int = 10240  # the archives' record size: more trailing zeros mean an unfinished file
     # Durability
     embedding_chunk_interval_s: float = 60.0  # the most embedding work a kill can cost
-    # Not read from the file: what loading it had to say (legacy keys), logged once at start.
+    # Not read from the data: section: what loading it had to say (legacy keys), logged once at start, and
+    # the trainer's model: section, checked against the model's width by the preflight.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    trainer: TrainerModel | None = field(default=None, compare=False)
 
     @property
     def selects_subset(self) -> bool:
@@ -104,7 +119,7 @@ _INT_MIN = {
     "tar_record_bytes": 512,
 }
 _PATH_KEYS = ("input_dir", "hdf5_path", "work_dir", "manifest", "weights_path")
-_NOT_FROM_FILE = frozenset({"warnings"})
+_NOT_FROM_FILE = frozenset({"warnings", "trainer"})
 
 
 def known_keys() -> frozenset[str]:
@@ -246,6 +261,19 @@ def _check_values(cfg: DataConfig) -> None:
         raise ConfigError(f"data.seed: must be >= 0, got {cfg.seed}")
 
 
+def trainer_model(section: Any) -> TrainerModel | None:
+    """The trainer's `model:` section as the trainer reads it; None where there is none (our own configs).
+    Values the trainer would not accept are the trainer's to report: they are not checked here."""
+    if not isinstance(section, dict):
+        return None
+    backbone = section.get("backbone", TRAINER_DEFAULT_BACKBONE)
+    size = section.get("backbone_output_size")
+    return TrainerModel(
+        backbone=backbone if isinstance(backbone, str) and backbone else TRAINER_DEFAULT_BACKBONE,
+        backbone_output_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+    )
+
+
 def load(path: str | os.PathLike[str]) -> DataConfig:
     """Read and validate a YAML config file (read only: the file is never written)."""
     path = Path(path)
@@ -260,9 +288,10 @@ def load(path: str | os.PathLike[str]) -> DataConfig:
     if not isinstance(doc, dict) or "data" not in doc:
         raise ConfigError(f"{path}: no `data:` section")
     try:
-        return from_mapping(doc["data"])
+        cfg = from_mapping(doc["data"])
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return replace(cfg, trainer=trainer_model(doc.get("model")))
 
 
 def with_overrides(cfg: DataConfig, **changes: Any) -> DataConfig:

@@ -25,7 +25,7 @@ from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
 from .errors import BackboneError, InputError, Interrupted, RunError
 from .exit_codes import MEANINGS, Exit
-from .progress import Progress, setup_logging, utc_now
+from .progress import FILE_ONLY, Progress, setup_logging, utc_now
 from .sources import list_sources
 from .workdir import Layout, RunLock
 
@@ -185,7 +185,9 @@ def execute(
         layout.work.mkdir(parents=True, exist_ok=True)
         setup_logging(layout.log, layout.events)
         for note in cfg.warnings:
-            log.warning("%s", note)  # into the log file too
+            log.warning("%s", note, extra=FILE_ONLY)  # the console has shown them already
+        for note in resolved.notes if resolved else ():
+            log.warning("%s", note)
         log.info("processor started (pid %d): %s -> %s", os.getpid(), cfg.input_dir, layout.output)
         with RunLock(layout.lock):
             progress = Progress(layout.progress_json, layout.events)

@@ -9,6 +9,9 @@ before any archive is read, and before anything is written.
   answers (then the weights are fetched now); offline is one clear error at once (exit 6);
 * the device: ``cuda`` must run a bf16 matmul, and a failure names the driver's and torch's CUDA versions
   (exit 6); ``auto`` takes CUDA only when it works.
+* the trainer: where the config has the trainer's ``model:`` section, the width it will size its head for
+  is compared with the embeddings' width; a mismatch is a warning (the artifact is right, the trainer's
+  config is not, and it is not ours to write).
 
 The result, :class:`Resolved`, carries what later steps need: the device, the precision, the weights file
 and the model identity (its key names the embedding store).
@@ -52,6 +55,7 @@ class Resolved:
     identity: ModelIdentity
     output_size: int
     versions: dict[str, str]
+    notes: tuple[str, ...] = ()  # warnings for the log (the trainer check)
 
 
 # ---------------------------------------------------------------------------------------- output location
@@ -263,15 +267,27 @@ def model_kwargs(cfg: DataConfig) -> dict[str, Any]:
     return kwargs
 
 
-def model_skeleton(cfg: DataConfig) -> tuple[dict[str, Any], int]:
-    """The model's data configuration and feature width, from a weightless copy on torch's meta device."""
+def _meta_model(name: str, **kwargs: Any) -> Any:
+    """A weightless copy of a timm model on torch's meta device: its configuration, no memory, no download."""
     import timm
     import torch
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def embedding_width(model: Any) -> int:
+    """What the model returns with ``num_classes=0``: its pre-logits width, which is ``num_features`` except
+    for models with a head of their own (MobileNetV3: 960 features, 1280 after its head)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def model_skeleton(cfg: DataConfig) -> tuple[dict[str, Any], Any]:
+    """The model's data configuration and its weightless copy on torch's meta device."""
     from timm.data import resolve_model_data_config
 
     try:
-        with torch.device("meta"):
-            model = timm.create_model(cfg.feature_model, pretrained=False, **model_kwargs(cfg))
+        model = _meta_model(cfg.feature_model, **model_kwargs(cfg))
     except Exception as exc:
         raise BackboneError(f"data.feature_model: {cfg.feature_model}: cannot be created: {exc}") from None
     data_config = dict(resolve_model_data_config(model))
@@ -282,7 +298,37 @@ def model_skeleton(cfg: DataConfig) -> tuple[dict[str, Any], int]:
             f"data.feature_model: {cfg.feature_model}: crop_mode {data_config['crop_mode']!r} is not "
             "supported (only center crops)"
         )
-    return data_config, int(model.num_features)
+    return data_config, model
+
+
+def trainer_mismatch(cfg: DataConfig, model: Any) -> str | None:
+    """Where the trainer's `model:` section would size its head for another width than the embeddings'
+    (it does not read the artifact's backbone_output_size), what to set instead; None where it agrees."""
+    trainer = cfg.trainer
+    if trainer is None:
+        return None
+    width = embedding_width(model)
+    if trainer.backbone_output_size is not None:
+        expected, source = trainer.backbone_output_size, "model.backbone_output_size"
+    else:
+        source = f"model.backbone {trainer.backbone}: its num_features, model.backbone_output_size being null"
+        if trainer.backbone == cfg.feature_model:
+            expected = int(model.num_features)
+        else:
+            try:
+                expected = int(_meta_model(trainer.backbone, num_classes=0).num_features)
+            except Exception as exc:
+                return (
+                    f"model.backbone: {trainer.backbone} is not a model timm can create ({exc}); the trainer "
+                    f"needs model.backbone_output_size: {width} for these embeddings"
+                )
+    if expected == width:
+        return None
+    return (
+        f"the trainer's config gives {expected} features ({source}) but {cfg.feature_model} embeds {width}: "
+        f"set model.backbone_output_size: {width} in the trainer's config, or the trainer fails on its "
+        "first batch (this processor never writes to the config)"
+    )
 
 
 def resolve(cfg: DataConfig) -> Resolved:
@@ -301,7 +347,7 @@ def resolve(cfg: DataConfig) -> Resolved:
         weights_file, weights = None, RANDOM_WEIGHTS
     device, versions = resolve_device(cfg)
     precision = resolve_precision(cfg.precision, device)
-    data_config, width = model_skeleton(cfg)
+    data_config, model = model_skeleton(cfg)
     identity = ModelIdentity(
         model=cfg.feature_model,
         weights=weights,
@@ -315,4 +361,6 @@ def resolve(cfg: DataConfig) -> Resolved:
         device_type=device,
         embedding_dtype=cfg.embedding_dtype,
     )
-    return Resolved(device, precision, weights_file, identity, width, versions)
+    note = trainer_mismatch(cfg, model)
+    width = embedding_width(model)
+    return Resolved(device, precision, weights_file, identity, width, versions, (note,) if note else ())

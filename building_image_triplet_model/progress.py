@@ -68,6 +68,11 @@ class JsonEventHandler(logging.Handler):
             self.handleError(record)
 
 
+# A record logged with this extra goes to the log file and the events, not the console: the warnings the
+# console showed before the output folder could be created (nothing is written before the preflight).
+FILE_ONLY = {"file_only": True}
+
+
 def setup_logging(
     log_file: Path | None = None, events_file: Path | None = None, verbose: bool = False
 ) -> None:
@@ -80,6 +85,7 @@ def setup_logging(
     fmt = LineFormatter()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_file is not None:
         fh = logging.FileHandler(log_file)

@@ -114,7 +114,7 @@ def test_a_weights_file_that_is_not_safetensors_is_refused(archives, tmp_path, c
     refused(cfg, Exit.MODEL, "not a readable safetensors file", str(bad), capsys=capsys)
 
 
-def test_the_original_projects_config_runs_with_one_warning_per_old_key(archives, tmp_path):
+def test_the_original_projects_config_runs_with_one_warning_per_old_key(archives, tmp_path, capsys):
     """The trainer's sections and keys are read past; the old preprocessing's keys are warned about once."""
     import yaml
 
@@ -155,8 +155,77 @@ def test_the_original_projects_config_runs_with_one_warning_per_old_key(archives
     before = path.read_bytes()
     cfg, layout = load(path)
     assert cfg.device == "cpu" and len(cfg.warnings) == 3
+    capsys.readouterr()
     assert pipeline.execute(cfg) == 0
+    console = capsys.readouterr().err
     log = layout.log.read_text()
     for key in ("data.devices", "data.accelerator", "data.strategy"):
         assert log.count(key) == 1, key
+        assert console.count(key) == 1, key
+    # The trainer sizes its head from model.backbone (DINOv2: 768) while test_resnet embeds 96 features:
+    # said once, with the fix, in the log and on the console.
+    mismatch = "the trainer's config gives 768 features (model.backbone vit_base_patch14_dinov2.lvd142m"
+    assert log.count(mismatch) == 1 and console.count(mismatch) == 1
+    assert "set model.backbone_output_size: 96" in log
     assert path.read_bytes() == before  # the processor never writes to the user's config
+
+
+# ----------------------------------------------------------------------------------- the trainer's width
+def trainer_cfg(tmp_path: Path, archives_dir: Path, model_section: object, **data: object):
+    """A config with the trainer's ``model:`` section beside ``data:``, as the original project keeps it."""
+    import yaml
+
+    from building_image_triplet_model import config
+
+    doc = yaml.safe_load(tiny_config(tmp_path, archives_dir, **data).read_text())
+    doc["model"] = model_section
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "mismatch"),
+    [
+        ({"backbone": "test_resnet.r160_in1k", "backbone_output_size": None}, None),  # its num_features, 96
+        ({"backbone": "test_resnet.r160_in1k", "backbone_output_size": 96}, None),
+        ({"backbone": "resnet18", "backbone_output_size": 96}, None),  # the explicit size wins
+        ({"backbone": "test_resnet.r160_in1k", "backbone_output_size": 512}, "gives 512 features"),
+        ({"backbone": "resnet18"}, "gives 512 features (model.backbone resnet18"),
+        # no backbone: the trainer takes its default
+        ({"embedding_size": 128}, "model.backbone tf_efficientnetv2_s.in21k_ft_in1k"),
+        ({"backbone": "no_such_model_xyz"}, "no_such_model_xyz is not a model timm can create"),
+    ],
+)
+def test_the_trainers_width_is_checked_against_the_embeddings(archives, tmp_path, section, mismatch):
+    from building_image_triplet_model import preflight
+
+    cfg = trainer_cfg(tmp_path, archives[0], section)
+    notes = preflight.resolve(cfg).notes
+    if mismatch is None:
+        assert notes == ()
+    else:
+        [note] = notes
+        assert mismatch in note and "model.backbone_output_size: 96" in note, note
+
+
+def test_without_the_trainers_model_section_nothing_is_compared(archives, tmp_path):
+    from building_image_triplet_model import config, preflight
+
+    cfg = config.load(tiny_config(tmp_path, archives[0]))
+    assert cfg.trainer is None and preflight.resolve(cfg).notes == ()
+    assert trainer_cfg(tmp_path, archives[0], "not a mapping").trainer is None
+
+
+def test_the_width_is_what_the_model_returns_not_num_features(archives, tmp_path):
+    """MobileNetV3 has 288 features and a head of its own: without a classifier it returns 1024."""
+    import timm
+    import torch
+
+    from building_image_triplet_model import config, preflight
+
+    cfg = config.load(tiny_config(tmp_path, archives[0], feature_model="mobilenetv3_small_050"))
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0).eval()
+    with torch.no_grad():
+        real = model(torch.zeros(1, 3, 32, 32)).shape[-1]
+    assert model.num_features != real == preflight.resolve(cfg).output_size == 1024
