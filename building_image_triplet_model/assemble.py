@@ -144,6 +144,18 @@ def write_skeleton(
     return int(offset)
 
 
+def skeleton_matches(path: Path, progress: dict[str, Any]) -> bool:
+    """The half-assembled file is the skeleton its progress record was made for: it opens, and its
+    backbone_embeddings has the recorded rows at the recorded offset (a power loss can leave a file the
+    marker outlived, empty or zeroed)."""
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["backbone_embeddings"]
+            return ds.shape[0] == int(progress["rows"]) and ds.id.get_offset() == int(progress["offset"])
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def copy_embeddings(
     path: Path,
     offset: int,

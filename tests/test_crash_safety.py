@@ -152,3 +152,23 @@ def test_a_duplicated_sigterm_is_one_stop_request(cfg_path):
     code, out = finish(proc, timeout=60)
     assert code == 75, out[-3000:]
     assert out.count("SIGTERM received") == 1 and "again: exiting now" not in out
+
+
+@pytest.mark.parametrize("damage", ["emptied", "zeroed"])
+def test_a_skeleton_lost_to_a_power_cut_is_written_again(reference, cfg_path, damage):
+    """A power cut can leave the half-assembled artifact empty or zeroed while its progress record survives
+    (a SIGKILL keeps the page cache, so the damage a power cut does is made here by hand)."""
+    _cfg, layout = load(cfg_path)
+    code, out = finish(start(cfg_path, "assemble.sync@1"))
+    assert code == -signal.SIGKILL, out[-3000:]
+    assert layout.assemble_json.exists() and layout.partial.exists()
+    size = layout.partial.stat().st_size
+    with open(layout.partial, "r+b") as fh:
+        if damage == "emptied":
+            fh.truncate(0)
+        else:
+            fh.write(bytes(size))
+    code, out = finish(start(cfg_path))
+    assert code == 0, out[-3000:]
+    assert f"{layout.partial} does not hold the skeleton" in out
+    assert_same_arrays(Layout(reference).output, layout.output)
