@@ -145,25 +145,53 @@ def walk(source: Source, record_bytes: int = tar_reader.DEFAULT_RECORD_BYTES) ->
         yield from _walk_dir(source)
 
 
-def _walk_tar(path: Path, record_bytes: int) -> Iterator[Member]:
+def _ends_cut_by_zeros(kind: str, data: bytes) -> bool:
+    """A JPEG ends with its EOI marker (FF D9, perhaps padded after it) and a metadata file with text:
+    neither ends in a zero byte unless zeros replaced its end."""
+    if not data or data[-1] != 0 or kind not in ("jpg", "txt"):
+        return False
+    return kind == "txt" or not data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+def _members(path: Path, record_bytes: int) -> Iterator[tar_reader.TarMember]:
+    """An archive's members but folders, read to its end: InputError naming it when it is not complete."""
+    last: tar_reader.TarMember | None = None
     try:
         for m in tar_reader.walk(path, record_bytes):
-            if m.is_dir:
-                continue
-            if not m.is_regular:
-                yield Member(m.name, "irregular", m.offset, m.size, None)
-                continue
-            kind = _kind(m.name)
-            if kind == "jpg":
-                yield Member(m.name, kind, m.offset, m.size, None, tar_reader.checksum(m.data))
-            elif kind == "txt":
-                yield Member(m.name, kind, m.offset, m.size, m.data if m.size <= MAX_TXT_BYTES else None)
-            else:
-                yield Member(m.name, kind, m.offset, m.size, None)
+            if not m.is_dir:
+                last = m
+                yield m
     except tar_reader.TarError as exc:
         raise InputError(str(exc)) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read: {exc}") from None
+    # Zeros from inside the last member to the end read as its padding and the end-of-archive marker: the
+    # tar structure cannot tell, the member's own bytes can (a preallocated download cut short).
+    if last is not None and last.is_regular and _ends_cut_by_zeros(_kind(last.name), last.data):
+        raise InputError(
+            f"{path}: its last member {last.name} ends in zero bytes that run into the end-of-archive "
+            "marker: a download cut short in preallocated space? Download the archive again"
+        )
+
+
+def check_archive(path: Path, record_bytes: int = tar_reader.DEFAULT_RECORD_BYTES) -> None:
+    """Read an archive as the index will (without hashing its images): InputError when it is not complete."""
+    for _ in _members(path, record_bytes):
+        pass
+
+
+def _walk_tar(path: Path, record_bytes: int) -> Iterator[Member]:
+    for m in _members(path, record_bytes):
+        if not m.is_regular:
+            yield Member(m.name, "irregular", m.offset, m.size, None)
+            continue
+        kind = _kind(m.name)
+        if kind == "jpg":
+            yield Member(m.name, kind, m.offset, m.size, None, tar_reader.checksum(m.data))
+        elif kind == "txt":
+            yield Member(m.name, kind, m.offset, m.size, m.data if m.size <= MAX_TXT_BYTES else None)
+        else:
+            yield Member(m.name, kind, m.offset, m.size, None)
 
 
 def _walk_files(root: Path, top_only: bool = False) -> Iterator[os.DirEntry[str]]:

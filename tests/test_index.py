@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_helpers import tar_of
 from PIL import Image
 
 from building_image_triplet_model import config, durable, index, records, sample_data, sources
@@ -237,20 +238,12 @@ def small_jpeg(seed: int) -> bytes:
 
 
 def write_tar(path: Path, prefix: str, images: dict[str, bytes], heading: float, extra: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        if extra:
-            add(f"{prefix}README.md", b"x" * 3000)  # moves every offset
-        for i, (stem, data) in enumerate(sorted(images.items(), reverse=extra)):
-            values = [3, i + 1, i + 1, 7, 40.0 + i / 1000, -74.0, 10.0, 1.0, 0.0, 0.0, 40.0, -74.0, 2.0, 20.0]
-            add(f"{prefix}{stem}.jpg", data)
-            add(f"{prefix}{stem}.txt", sample_data.d_line([*values, heading, 0.0, 0.0]).encode())
+    files = {f"{prefix}README.md": b"x" * 3000} if extra else {}  # moves every offset
+    for i, (stem, data) in enumerate(sorted(images.items(), reverse=extra)):
+        values = [3, i + 1, i + 1, 7, 40.0 + i / 1000, -74.0, 10.0, 1.0, 0.0, 0.0, 40.0, -74.0, 2.0, 20.0]
+        files[f"{prefix}{stem}.jpg"] = data
+        files[f"{prefix}{stem}.txt"] = sample_data.d_line([*values, heading, 0.0, 0.0]).encode()
+    tar_of(path, files)
 
 
 def content_of(path: Path) -> tuple[str, str]:

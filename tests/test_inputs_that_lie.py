@@ -13,6 +13,7 @@ import pytest
 from engine_helpers import assert_same_arrays, load, stats, tiny_config
 
 from building_image_triplet_model import pipeline, tar_reader
+from building_image_triplet_model.errors import InputError
 from building_image_triplet_model.exit_codes import Exit
 from building_image_triplet_model.workdir import Layout
 
@@ -194,3 +195,50 @@ def test_a_corrupt_committed_file_is_moved_aside_and_recomputed(reference, archi
     moved = quarantined(layout)
     assert pipeline.execute(cfg) == 0  # and never the same error on the next run
     assert quarantined(layout) == moved
+
+
+def test_zeros_over_the_last_members_are_refused_or_surface_as_rejects(tmp_path):
+    """A zero-filled tail (a preallocated download cut short, its aria2c control file gone) starting at every
+    128th byte over an archive's last members, images of the dataset's size (640x640). Zeros that begin in a
+    member's data are refused (exit 3): the tar structure takes them for padding and the end-of-archive
+    marker, the member's own bytes do not (a JPEG ends with FF D9, a .txt with text). Zeros that begin at a
+    header (or in a data block's padding) and fit in one record of padding cannot be told from a complete
+    archive by any byte: then what they removed is whole members, and every pair they reached is a reject
+    (its partner is an orphan), never lost silently. No pair of the dataset's images fits in one record."""
+    from building_image_triplet_model import index, sample_data
+    from building_image_triplet_model.sources import list_sources
+
+    record = tar_reader.DEFAULT_RECORD_BYTES
+    folder = tmp_path / "clean"
+    sample_data.generate(
+        sample_data.Options(out=folder, archives=1, targets_per_archive=3, seed=3, bad=False)
+    )
+    [source] = list_sources(folder)
+    raw = source.path.read_bytes()
+    full, full_rejects = index.build_source_index(source, record)
+    assert full_rejects == [] and len(full["stem"]) >= 6
+    ms = members(source.path)
+    cut_here = tmp_path / "cut"
+    cut_here.mkdir()
+    damaged_path = cut_here / source.path.name
+    refused_by_bytes = accepted = 0
+    for p in range(ms[-6].offset - tar_reader.BLOCK, len(raw) + 1, tar_reader.BLOCK // 4):
+        damaged_path.write_bytes(raw[:p] + bytes(len(raw) - p))
+        in_data = any(m.offset <= p < m.offset + m.size for m in ms)
+        try:
+            got, rejects = index.build_source_index(list_sources(cut_here)[0], record)
+        except InputError as exc:
+            message = str(exc)
+        else:
+            message = ""
+        if message:
+            assert str(damaged_path) in message
+            refused_by_bytes += "ends in zero bytes" in message
+            continue
+        assert not in_data, (p, "zeros inside a member's data were accepted")
+        accepted += 1
+        rejected = {Path(path).stem for path, _reason, _detail in rejects}
+        rows = {stem.decode() for stem in got["stem"]}
+        for stem in (s.decode() for s in full["stem"]):
+            assert stem in rows or stem in rejected, (p, stem, "lost without a reject")
+    assert refused_by_bytes > 10 and accepted > 10  # both kinds of position were reached

@@ -9,10 +9,10 @@ import socket
 import stat
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+from engine_helpers import tar_of
 from PIL import Image
 
 from building_image_triplet_model import sources, tar_reader
@@ -28,25 +28,6 @@ def jpeg(color: tuple[int, int, int], size: int = 16) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def tar_of(path: Path, files: dict[str, bytes], dirs=(), symlinks: dict[str, str] | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for d in dirs:
-            ti = tarfile.TarInfo(d)
-            ti.type = tarfile.DIRTYPE
-            tf.addfile(ti)
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-        for name, target in (symlinks or {}).items():
-            ti = tarfile.TarInfo(name)
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = target
-            tf.addfile(ti)
-    return path
 
 
 def small_tar(path: Path) -> Path:
@@ -427,3 +408,27 @@ def test_stem_of():
     assert sources.stem_of("0003/abc.txt") == "abc"
     assert sources.stem_of("abc") == "abc"
     assert sources.stem_of("a.b/noext") == "noext"
+
+
+# ------------------------------------------------------------------- the last member's own bytes
+@pytest.mark.parametrize(
+    ("last", "data", "refused"),
+    [
+        ("0001/b.jpg", jpeg((1, 2, 3)), False),
+        ("0001/b.jpg", jpeg((1, 2, 3)) + b"\0\0\0", False),  # padded after its EOI marker: complete
+        ("0001/b.jpg", jpeg((1, 2, 3))[:-40] + bytes(40), True),  # zeros where its end was
+        ("0001/b.txt", D_LINE, False),
+        ("0001/b.txt", D_LINE[:30] + bytes(len(D_LINE) - 30), True),
+        ("0001/Readme", b"other files may end in zeros\0", False),
+    ],
+)
+def test_a_last_member_whose_end_is_zeros_is_an_unfinished_download(tmp_path, last, data, refused):
+    path = tar_of(
+        tmp_path / "in" / "0001.tar", {"0001/a.jpg": jpeg((9, 9, 9)), "0001/a.txt": D_LINE, last: data}
+    )
+    [source] = list_sources(path.parent)
+    if refused:
+        with pytest.raises(InputError, match=f"{re.escape(str(path))}: its last member {last} ends in zero"):
+            list(walk(source))
+    else:
+        assert [m.path for m in walk(source)][-1] == last

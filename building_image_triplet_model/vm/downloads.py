@@ -3,8 +3,8 @@ input, and the commit of a finished file.
 
 Files are downloaded into a staging folder, ``<raw dir>/.triplet-downloads/partial/<out>`` (aria2c's
 partial file and control file stay there between attempts), and moved to ``<raw dir>/<out>`` only once
-aria2c has finished (no ``.aria2`` left) and, for a ``.tar``, the strict tar reader has read it to its
-end-of-archive marker. So the archive folder only ever holds complete archives, and the engine may read
+aria2c has finished (no ``.aria2`` left) and, for a ``.tar``, it reads whole as the index reads it
+(``sources.check_archive``). So the archive folder only ever holds complete archives, and the engine may read
 each one the moment it appears (``--follow``). A record of the size and mtime of every committed file
 (``.triplet-downloads/<out>.json``) lets later runs skip it without reading it again.
 
@@ -25,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from .. import durable, manifest, tar_reader
+from .. import durable, manifest, sources
+from ..errors import InputError
 from ..progress import utc_now
 
 STATE = ".triplet-downloads"
@@ -62,9 +63,8 @@ def verify(path: Path) -> str | None:
         return "aria2c control file present (unfinished)"
     if path.suffix == ".tar":
         try:
-            for _ in tar_reader.walk(path):
-                pass
-        except tar_reader.TarError as exc:
+            sources.check_archive(path)
+        except InputError as exc:
             return f"not a complete tar: {exc}"
     return None
 
