@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import assemble, durable, faults, identity, plan, records, workdir
+from . import assemble, durable, faults, identity, plan, preflight, records, workdir
 from .context import RunContext
 from .errors import Interrupted
 from .progress import utc_now
@@ -34,7 +34,17 @@ def assemble_artifact(ctx: RunContext) -> None:
     codes = assemble.gather_codes(parts, n)
     knn_dirs = {s: (layout.knn_split(ctx.knn_key, s), ctx.knn_ks[s]) for s in plan.SPLITS}
     progress = layout.assemble_progress(key)
+    if progress and not assemble.skeleton_matches(layout.partial, progress):
+        # Derived and as large as the artifact: written again, not kept aside like a corrupt store.
+        log.warning(
+            "%s does not hold the skeleton its progress record names (lost in a power cut?): "
+            "assembling again",
+            layout.partial,
+        )
+        progress = {}
     if not progress:
+        dtype_bytes = np.dtype(cfg.embedding_dtype).itemsize
+        preflight.check_artifact_space(layout.output, layout.partial, n, dim, dtype_bytes)
         # Progress is only ever valid for the skeleton it was made with: none until the new one is written.
         layout.assemble_json.unlink(missing_ok=True)
         log.info("assembling %s: writing the skeleton", layout.partial)
@@ -48,6 +58,7 @@ def assemble_artifact(ctx: RunContext) -> None:
             cfg.embedding_dtype,
             artifact_attrs(ctx, key, codes, dim),
         )
+        durable.fsync_file(layout.partial)  # before the marker that vouches for it
         faults.point("assemble.skeleton")
         progress = {"run_key": key, "offset": offset, "next": [0, 0], "rows": n}
         durable.write_json(layout.assemble_json, progress)

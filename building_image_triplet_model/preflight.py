@@ -99,12 +99,20 @@ def _bytes_under(*paths: Path) -> int:
     return total
 
 
-def check_disk_space_for(cfg: DataConfig, layout: Any, dim: int) -> None:
+def check_disk_space_for(
+    cfg: DataConfig, layout: Any, dim: int, archive_sizes: list[int] | None = None, expected: int = 0
+) -> None:
     """Free space where the run writes against an estimate of what it writes, less what is already there.
-    The image count comes from the archives' sizes (the index does not exist yet)."""
+    The image count comes from the archives' sizes (the index does not exist yet): those in input_dir, or
+    ``archive_sizes``; where ``expected`` archives are due and fewer are here (follow mode: a download is
+    running), their average stands for the rest."""
     from .sources import list_sources
 
-    archive_bytes = sum(s.path.stat().st_size for s in list_sources(cfg.input_dir) if s.kind == "tar")
+    if archive_sizes is None:
+        archive_sizes = [s.path.stat().st_size for s in list_sources(cfg.input_dir) if s.kind == "tar"]
+    archive_bytes = sum(archive_sizes)
+    if archive_sizes and expected > len(archive_sizes):
+        archive_bytes = archive_bytes * expected // len(archive_sizes)
     images = archive_bytes // ARCHIVE_BYTES_PER_IMAGE
     need = estimate_bytes(images, dim, 2 if cfg.embedding_dtype == "float16" else 4)
     need -= _bytes_under(layout.work, layout.output)
@@ -114,6 +122,19 @@ def check_disk_space_for(cfg: DataConfig, layout: Any, dim: int) -> None:
             f"{layout.output.parent}: {free / 1e9:.3f} GB free, the run writes about {need / 1e9:.3f} GB "
             f"more (~{images} images x {dim} features, estimated from {archive_bytes / 1e9:.3f} GB of "
             "archives); free space, or point data.hdf5_path / data.work_dir elsewhere"
+        )
+
+
+def check_artifact_space(path: Path, partial: Path, images: int, dim: int, dtype_bytes: int) -> None:
+    """Before the artifact is written (any mode, the merge included): its size is known exactly now."""
+    need = images * (dim * dtype_bytes + META_BYTES_PER_IMAGE)
+    if partial.exists():
+        need -= partial.stat().st_size
+    free = free_bytes(path.parent)
+    if need > free:
+        raise ConfigError(
+            f"{path.parent}: {free / 1e9:.3f} GB free, the artifact needs about {need / 1e9:.3f} GB more "
+            f"({images} images x {dim} features); free space and run again (nothing done is lost)"
         )
 
 
@@ -241,8 +262,8 @@ def _hub_weights(model: str) -> str:
         hub.get_hf_file_metadata(hub.hf_hub_url(hub_id, "model.safetensors"), timeout=10)
     except Exception as exc:
         raise BackboneError(
-            f"{model}: the hub does not answer for {hub_id} ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"{advice}"
+            f"{model}: cannot get {hub_id}/model.safetensors from the hub ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); {advice}"
         ) from None
     try:
         return hub.hf_hub_download(hub_id, "model.safetensors")
@@ -334,6 +355,8 @@ def trainer_mismatch(cfg: DataConfig, model: Any) -> str | None:
 def resolve(cfg: DataConfig) -> Resolved:
     """Device, model, weights and identity, or the first error (BackboneError, exit 6)."""
     check_model_name(cfg.feature_model)
+    # The device before the weights: a broken GPU fails now, not after a download of the weights.
+    device, versions = resolve_device(cfg)
     if cfg.pretrained:
         if cfg.weights_path:
             if not Path(cfg.weights_path).is_file():
@@ -345,7 +368,6 @@ def resolve(cfg: DataConfig) -> Resolved:
         weights = weights_digest(weights_file)
     else:
         weights_file, weights = None, RANDOM_WEIGHTS
-    device, versions = resolve_device(cfg)
     precision = resolve_precision(cfg.precision, device)
     data_config, model = model_skeleton(cfg)
     identity = ModelIdentity(

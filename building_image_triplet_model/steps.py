@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import durable, embed, faults, geo_knn, identity, index, machine, plan, workdir
+from . import durable, embed, faults, geo_knn, identity, index, machine, plan, preflight, workdir
 from .context import RunContext
 from .decode import ImageReader
 from .emb_store import EmbeddingStore
@@ -66,6 +66,11 @@ def arrivals(ctx: RunContext, timeout_s: float = 0) -> Iterator[list[Source]]:
         if new:
             waiting -= set(new)
             ctx.sources.update({n: here[n] for n in new})
+            if ctx.resolved is not None:  # the space check the preflight could not do: no archive was here
+                sizes = [s.path.stat().st_size for s in ctx.sources.values() if s.kind == "tar"]
+                preflight.check_disk_space_for(
+                    ctx.cfg, ctx.layout, ctx.resolved.output_size, sizes, len(ctx.names)
+                )
             yield [here[n] for n in new]
             continue
         if not announced:

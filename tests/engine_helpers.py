@@ -5,12 +5,14 @@ readers. Kept out of conftest.py so that test files import them by a name no oth
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,36 @@ def write_config(path: Path, **data: Any) -> Path:
 def tiny_config(tmp: Path, input_dir: Path, name: str = "cfg.yaml", **overrides: Any) -> Path:
     data = {"input_dir": str(input_dir), "hdf5_path": str(tmp / "out" / "dataset.h5"), **TINY, **overrides}
     return write_config(tmp / name, **data)
+
+
+def tar_of(path: Path, files: dict[str, bytes], dirs=(), symlinks: dict[str, str] | None = None) -> Path:
+    """A GNU tar archive of ``files`` (in their order), with folders and symbolic links where asked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            tf.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            ti = tarfile.TarInfo(name)
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = target
+            tf.addfile(ti)
+    return path
+
+
+def manifest_of(path: Path, archives_dir: Path) -> Path:
+    """An aria2c manifest in the upstream shape naming a folder's archives, and a readme as upstream's."""
+    lines = []
+    for tar_path in sorted(archives_dir.glob("*.tar")):
+        lines += [f"file://{tar_path}", f"\tout=dataset_unaligned/{tar_path.name}"]
+    lines += ["https://example.invalid/Readme.txt", "\tout=dataset_unaligned/Readme.txt"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def load(path: Path) -> tuple[config.DataConfig, Layout]:

@@ -9,21 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import REPO, assert_same_arrays, load, tiny_config
+from engine_helpers import REPO, assert_same_arrays, load, manifest_of, tiny_config
 
 from building_image_triplet_model import work_split
 from building_image_triplet_model.workdir import Layout
 
 pytestmark = pytest.mark.slow
-
-
-def write_manifest(path: Path, archives_dir: Path) -> Path:
-    lines = []
-    for tar_path in sorted(archives_dir.glob("*.tar")):
-        lines += [f"file://{tar_path}", f"\tout=dataset_unaligned/{tar_path.name}"]
-    lines += ["https://example.invalid/Readme.txt", "\tout=dataset_unaligned/Readme.txt"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def worker_input(tmp: Path, archives_dir: Path, manifest: Path, index: int, count: int) -> Path:
@@ -48,7 +39,7 @@ def processor(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 
 
 def test_three_workers_and_a_merge_equal_a_single_run(reference, archives, tmp_path):
-    manifest = write_manifest(tmp_path / "manifest.txt", archives[0])
+    manifest = manifest_of(tmp_path / "manifest.txt", archives[0])
     run_uri = str(tmp_path / "bucket" / "checkpoints" / "run-1")
     assert work_split.task_share(work_split.manifest_sources(manifest), 0, 3) == ["0003"]
     cfgs = []
@@ -89,7 +80,7 @@ def test_three_workers_and_a_merge_equal_a_single_run(reference, archives, tmp_p
 
 
 def test_a_worker_with_other_settings_is_refused(archives, tmp_path):
-    manifest = write_manifest(tmp_path / "manifest.txt", archives[0])
+    manifest = manifest_of(tmp_path / "manifest.txt", archives[0])
     run_uri = str(tmp_path / "bucket" / "run-2")
     first = tiny_config(
         tmp_path / "a", worker_input(tmp_path, archives[0], manifest, 0, 3), manifest=str(manifest)
@@ -113,7 +104,7 @@ def test_a_worker_with_other_settings_is_refused(archives, tmp_path):
 
 
 def test_a_merge_before_the_workers_finish_names_what_is_missing(archives, tmp_path):
-    manifest = write_manifest(tmp_path / "manifest.txt", archives[0])
+    manifest = manifest_of(tmp_path / "manifest.txt", archives[0])
     run_uri = str(tmp_path / "bucket" / "run-3")
     worker = tiny_config(
         tmp_path / "w", worker_input(tmp_path, archives[0], manifest, 0, 2), manifest=str(manifest)
@@ -125,7 +116,7 @@ def test_a_merge_before_the_workers_finish_names_what_is_missing(archives, tmp_p
 
 
 def test_subset_selection_is_refused_in_scale_out(archives, tmp_path):
-    manifest = write_manifest(tmp_path / "manifest.txt", archives[0])
+    manifest = manifest_of(tmp_path / "manifest.txt", archives[0])
     cfg = tiny_config(
         tmp_path / "w",
         worker_input(tmp_path, archives[0], manifest, 0, 3),
