@@ -27,6 +27,12 @@ class Exit(IntEnum):
     INTERRUPTED = 75  # EX_TEMPFAIL: progress is durable, run again
 
 
+# What a shell reports for a child ended by SIGTERM (128 + 15): a bootstrap script the job stopped.
+TERM_EXIT = 143
+# The codes of a stop that loses nothing: run again to continue.
+INTERRUPTED_CODES = frozenset({Exit.INTERRUPTED, TERM_EXIT})
+
+
 @dataclass(frozen=True)
 class Meaning:
     short: str  # a few words, for tables and log lines

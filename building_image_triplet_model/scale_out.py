@@ -30,6 +30,7 @@ from .embed import Work
 from .errors import ConfigError, InputError, ResumeRefused
 from .progress import setup_logging
 from .work_split import manifest_sources, task_share
+from .workdir import Layout
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,6 @@ def claim(run_uri: str, record: dict, create: bool) -> dict:
     return theirs
 
 
-def shard_filters(model_key: str, names: list[str]) -> list[str]:
-    out = [f"emb/{model_key}/model.json"]
-    for n in names:
-        out += [f"index/{n}.npz", f"index/{n}.json", f"emb/{model_key}/{n}-*/*"]
-    return out
-
-
 def worker(
     cfg: DataConfig,
     run_uri: str | None,
@@ -113,7 +107,9 @@ def worker(
 
     def publish(ctx: RunContext, which: list[str]) -> None:
         if shards:
-            result = cloud_sync.push_dir(ctx.layout.work, shards, include=shard_filters(ctx.model_key, which))
+            result = cloud_sync.push_dir(
+                ctx.layout.work, shards, include=ctx.layout.shard_files(ctx.model_key, which)
+            )
             log.debug("published: %s", result.summary("pushed"))
 
     def on_start(ctx: RunContext) -> None:
@@ -121,7 +117,9 @@ def worker(
             return
         claim(run_uri, {**run_settings(cfg), "model_key": ctx.model_key}, create=True)
         if cloud_sync.exists(shards):
-            result = cloud_sync.pull_dir(shards, ctx.layout.work, include=shard_filters(ctx.model_key, names))
+            result = cloud_sync.pull_dir(
+                shards, ctx.layout.work, include=ctx.layout.shard_files(ctx.model_key, names)
+            )
             log.info("restored shards from %s: %s", shards, result.summary("pulled"))
         for n in names:
             marker = ctx.layout.index_marker(n, None)
@@ -149,17 +147,13 @@ def worker(
     return pipeline.execute(cfg, fresh=fresh, mode="worker", task=task, follow=follow, hooks=hooks, stop=stop)
 
 
-def wait_for_shards(run_uri: str, model_key: str, names: list[str], timeout_s: float) -> None:
+def wait_for_shards(layout: Layout, run_uri: str, model_key: str, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     shards = join(run_uri, "shards")
     while True:
         present = {o.name for o in cloud_sync.list_objects(shards)} if cloud_sync.exists(shards) else set()
-        stores = {
-            p.split("/")[2].rsplit("-", 1)[0]
-            for p in present
-            if p.startswith(f"emb/{model_key}/") and p.endswith("/_SUCCESS.json")
-        }
-        missing = [n for n in names if n not in stores or f"index/{n}.json" not in present]
+        stores = layout.stores_committed(model_key, present)
+        missing = [n for n in names if n not in stores or layout.rel(layout.shard_marker(n)) not in present]
         if not missing:
             return
         if time.monotonic() >= deadline:
@@ -179,11 +173,10 @@ def merge(
     if run_uri:
         run = claim(run_uri, {k: v for k, v in run_settings(cfg).items() if k != "model_spec"}, create=False)
         model_key = str(run["model_key"])
-        wait_for_shards(run_uri, model_key, names, timeout_s)
-        from .workdir import Layout
-
+        layout = Layout(cfg)
+        wait_for_shards(layout, run_uri, model_key, names, timeout_s)
         result = cloud_sync.pull_dir(
-            join(run_uri, "shards"), Layout(cfg).work, include=shard_filters(model_key, names)
+            join(run_uri, "shards"), layout.work, include=layout.shard_files(model_key, names)
         )
         log.info("pulled shards: %s", result.summary("pulled"))
     else:
@@ -193,8 +186,6 @@ def merge(
 
 def _local_model_key(cfg: DataConfig) -> str:
     """Without a run folder, the work folder's only model key (the workers shared it)."""
-    from .workdir import Layout
-
     keys = sorted(p.parent.name for p in Layout(cfg).emb_root.glob("*/model.json"))
     if len(keys) != 1:
         raise ConfigError(f"{Layout(cfg).emb_root}: expected the embeddings of one model, found {len(keys)}")

@@ -132,6 +132,29 @@ class Layout:
     def store_dir(self, model_key: str, source: str, content_key: str) -> Path:
         return self.model_dir(model_key) / f"{source}-{content_key}"
 
+    def rel(self, path: Path) -> str:
+        """A path of the work folder as a run folder names it (the scale-out shards mirror the layout)."""
+        return path.relative_to(self.work).as_posix()
+
+    def shard_files(self, model_key: str, sources: list[str]) -> list[str]:
+        """What a scale-out worker publishes for these archives (patterns relative to the work folder):
+        index shards and their markers, the embedding stores, and what the model key stands for."""
+        out = [self.rel(self.model_json(model_key))]
+        for s in sources:
+            out += [self.rel(self.shard(s)), self.rel(self.shard_marker(s))]
+            out.append(self.rel(self.store_dir(model_key, s, "*") / "*"))
+        return out
+
+    def stores_committed(self, model_key: str, names: set[str]) -> set[str]:
+        """The archives whose embedding store's marker is among ``names`` (paths relative to the work
+        folder, as a run folder lists them)."""
+        prefix, tail = self.rel(self.model_dir(model_key)) + "/", "/" + SUCCESS
+        return {
+            n[len(prefix) : -len(tail)].rsplit("-", 1)[0]
+            for n in names
+            if n.startswith(prefix) and n.endswith(tail) and n.count("/") == prefix.count("/") + 1
+        }
+
     @property
     def assemble_json(self) -> Path:
         return self.work / "assemble.json"

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import durable, exit_codes
+from ..exit_codes import TERM_EXIT
 from ..progress import utc_now
 from . import checkpoint, publish
 from .paths import VMPaths
 from .phases import DONE, Markers
 
 log = logging.getLogger(__name__)
-
-TERM_EXIT = 143
 
 
 def exit_status(returncode: int) -> int:

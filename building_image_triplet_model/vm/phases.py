@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import durable
+from ..exit_codes import INTERRUPTED_CODES
 from ..progress import utc_now
 
 PHASES = ("download", "extract", "preprocess", "finalize")
@@ -59,7 +60,7 @@ class Markers:
         return attempts
 
     def end(self, phase: str, code: int, summary: dict[str, Any] | None = None) -> str:
-        status = "done" if code == 0 else "interrupted" if code in (75, 143) else "failed"
+        status = "done" if code == 0 else "interrupted" if code in INTERRUPTED_CODES else "failed"
         extra = {"summary": summary} if summary is not None else {}
         self.update(phase, status=status, ended_at=utc_now(), exit_code=code, **extra)
         return status

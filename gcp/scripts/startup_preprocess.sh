@@ -2,9 +2,8 @@
 # VM bootstrap for the 3D Street View preprocessing: runs at EVERY boot (the guest agent's
 # google-startup-scripts.service runs the `startup-script-url` object), idempotent, one run at a time.
 #
-#   startup_preprocess.sh [STEP...]        (default: all)
+#   startup_preprocess.sh [STEP...]        (default: all, the steps below in this order: ALL_STEPS)
 #
-# all = system disks repo uv config preflight ops-agent restore start
 #   system      repair an interrupted dpkg; aria2, git, curl, python3-venv; uv (pinned, with pip); Debian's
 #               NVIDIA driver (skipped when nvidia-smi works or there is no NVIDIA device)     gcp/scripts/system.sh
 #   disks       mount the raw and the work disk by device name; format only a disk with nothing on it
@@ -94,6 +93,7 @@ load_paths
 : "${TRIPLET_PYTHON:=${TRIPLET_REPO_DIR}/.venv/bin/python}"
 export TRIPLET_PYTHON TRIPLET_REPO_DIR
 ALL_STEPS=(system disks repo uv config preflight ops-agent restore start)
+OTHER_STEPS=(job checkpoint status paths bake)
 TRIPLET_CHILD_PID=""
 
 run_mode() {
@@ -252,10 +252,8 @@ main() {
   fi
   local s i
   for s in "${steps[@]}"; do
-    case "$s" in
-      system | disks | repo | uv | config | preflight | ops-agent | restore | start | job | checkpoint | status | paths | bake) ;;
-      *) echo "startup_preprocess.sh: unknown step '$s' (see --help)" >&2; return 2 ;;
-    esac
+    [[ " ${ALL_STEPS[*]} ${OTHER_STEPS[*]} " == *" $s "* ]] ||
+      { echo "startup_preprocess.sh: unknown step '$s' (see --help)" >&2; return 2; }
   done
   if [[ "${steps[*]}" == paths ]]; then printf 'SELF=%s\n' "$SELF"; sysvm vm.paths; return 0; fi
   mkdir -p "$TRIPLET_RUN_DIR"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -529,7 +530,12 @@ def test_help_and_unknown_steps() -> None:
         assert r.returncode == 0, (script, r.stderr)
         assert "TRIPLET_" in r.stdout or "--" in r.stdout
     r = run_script("startup_preprocess.sh", "bogus", env=env)
-    assert r.returncode == 2
+    assert r.returncode == 2 and "unknown step 'bogus'" in r.stderr
+    # The help describes the steps of `all` in the order ALL_STEPS runs them.
+    text = (SCRIPTS / "startup_preprocess.sh").read_text()
+    all_steps = re.search(r"^ALL_STEPS=\((.*)\)$", text, re.M).group(1).split()
+    helped = run_script("startup_preprocess.sh", "--help", env=env).stdout
+    assert re.findall(r"^  ([a-z-]+) {2,}", helped, re.M) == all_steps
 
 
 # ------------------------------------------------------------------------- download and engine at once

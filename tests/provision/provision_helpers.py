@@ -118,7 +118,6 @@ def make_run_files(tmp_path: Path) -> dict[str, Path]:
     scripts.mkdir()
     for name in ("startup_preprocess.sh", "shutdown_preprocess.sh", "lib.sh", "download_archives.sh"):
         (scripts / name).write_text(f"#!/bin/bash\n# stand-in {name}\n")
-    (scripts / "bootstrap_helpers.py").write_text("# stand-in helper\n")
     (scripts / "notes.txt").write_text("not uploaded\n")
     config = tmp_path / "preprocess.yaml"
     config.write_text("model:\n  name: vit_base_patch14_dinov2.lvd142m\n")
