@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import (
+    TINY,
     assert_same_arrays,
     finish,
     load,
@@ -22,7 +23,7 @@ from engine_helpers import (
     tiny_config,
 )
 
-from building_image_triplet_model import pipeline, sample_data
+from building_image_triplet_model import pipeline, sample_data, status
 from building_image_triplet_model.exit_codes import Exit
 
 
@@ -113,14 +114,44 @@ def test_a_subset_first_then_the_rest_embeds_each_image_once(base, tmp_path):
     assert_same_arrays(rest["output"], from_scratch(tmp_path, tmp_path / "archives"))
 
 
-def test_another_model_never_mixes_with_the_old_embeddings(base, tmp_path):
+def seeded_weights(path: Path) -> str:
+    """Other weights for the same tiny model, as a local safetensors file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(99)
+    model = timm.create_model(TINY["feature_model"], pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_size": 48},
+        {"precision": "bf16"},
+        {"feature_model": "test_vit.r160_in1k"},
+        {"pretrained": True, "weights_path": "WEIGHTS"},
+        {"embedding_dtype": "float16"},
+    ],
+    ids=lambda c: next(iter(c)) if "weights_path" not in c else "weights",
+)
+def test_another_model_never_mixes_with_the_old_embeddings(base, tmp_path, change):
+    if change.get("weights_path") == "WEIGHTS":
+        change = {**change, "weights_path": seeded_weights(tmp_path / "other.safetensors")}
     ws = workspace(base, tmp_path)
-    r = run(ws, ws / "archives", image_size=48)
+    r = run(ws, ws / "archives", **change)
     assert r["stats"]["images_embedded"] == r["stats"]["images"] and r["stats"]["images_reused"] == 0
     assert len(list(r["layout"].emb_root.glob("*/model.json"))) == 2  # old and new side by side
-    assert_same_arrays(r["output"], from_scratch(tmp_path, ws / "archives", image_size=48))
+    assert_same_arrays(r["output"], from_scratch(tmp_path, ws / "archives", **change))
+    report = status.collect(load(tiny_config(ws, ws / "archives", **change))[0])
+    assert (report["images_embedded"], report["images_reused"]) == (r["stats"]["images"], 0)
     back = run(ws, ws / "archives")  # and the first model's embeddings are still there
     assert back["stats"]["images_embedded"] == 0
+    report = status.collect(load(tiny_config(ws, ws / "archives"))[0])
+    assert (report["images_embedded"], report["images_reused"]) == (0, back["stats"]["images"])
+    assert f"last run: 0 images embedded, {back['stats']['images']} reused" in status.render(report)
 
 
 def test_fresh_keeps_embeddings_and_discard_embeddings_does_not(base, tmp_path):
