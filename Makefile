@@ -32,7 +32,7 @@ demo: setup sys-deps dry-run ## sample archives -> download -> extract -> prepro
 demo-clean: dry-run-clean ## forget the demo's output and sample archives so that `make demo` starts from nothing
 	rm -rf $(DRY_RUN_ARCHIVES)
 
-test: setup sys-deps ## the whole test suite (~15 min on 2 cores)
+test: setup sys-deps ## the whole test suite (~10 min on 2 cores)
 	$(RUN) pytest -q
 
 test-fast: setup ## the suite without the slow end-to-end drills
@@ -48,7 +48,7 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(RUN) ruff format .
 
 .PHONY: bench bench-quick bench-record bench-gpu-small
-bench: setup sys-deps ## every benchmark (~40 min on 2 cores); figures in build/bench/results/ (tracked files untouched)
+bench: setup sys-deps ## every benchmark (~20 min on 2 cores); figures in build/bench/results/ (tracked files untouched)
 	$(RUN) python benchmarks/run_all.py
 
 bench-quick: setup sys-deps ## every benchmark at small sizes (proves each runs); build/bench/quick/results/
