@@ -51,21 +51,21 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    _fsync(path, os.O_DIRECTORY)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """Make a file another library wrote (h5py) durable, and its name with it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, 0)
     fsync_dir(Path(path).parent)
 
 

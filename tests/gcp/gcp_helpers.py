@@ -4,6 +4,7 @@ readers) live once, in tests/engine_helpers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_helpers import REPO
-from gcp_servers import free_env
+from engine_helpers import REPO, kill_group
+from gcp_servers import MetadataServer, free_env
 
 from building_image_triplet_model import sample_data
 
@@ -95,6 +96,19 @@ def wait_group_gone(pgid: int, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     os.killpg(pgid, signal.SIGKILL)
+
+
+def preempt(proc: subprocess.Popen[bytes], env: dict[str, str], metadata: MetadataServer) -> None:
+    """What a preemption does to a running startup flow: SIGTERM to its group (ACPI soft-off), the shutdown
+    script with instance/preempted=TRUE, and the power gone 30 s later at most."""
+    kill_group(proc, signal.SIGTERM)
+    metadata.values["instance/preempted"] = "TRUE"
+    sd = run_script("shutdown_preprocess.sh", env=env, timeout=120)
+    metadata.values["instance/preempted"] = "FALSE"
+    assert sd.returncode == 0, sd.stderr
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    kill_group(proc, signal.SIGKILL)
 
 
 def marker(work: Path, name: str) -> dict[str, Any]:

@@ -6,12 +6,10 @@ run's, no completed phase runs again, and the preemption count is right."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,7 +23,15 @@ from engine_helpers import (
     tiny_config,
     write_config,
 )
-from gcp_helpers import run_script, sample_archives, script_env, start_script, wait_group_gone, write_manifest
+from gcp_helpers import (
+    preempt,
+    run_script,
+    sample_archives,
+    script_env,
+    start_script,
+    wait_group_gone,
+    write_manifest,
+)
 from gcp_servers import MetadataServer
 
 from building_image_triplet_model.vm.fileserver import RangeServer
@@ -138,15 +144,8 @@ def drill(
         if proc.poll() is not None:
             continue  # the flow went past that phase, or finished
         if how == "preempt":
-            kill_group(proc, signal.SIGTERM)
-            metadata_server.values["instance/preempted"] = "TRUE"
-            sd = run_script("shutdown_preprocess.sh", env=drill_env, timeout=120)
-            metadata_server.values["instance/preempted"] = "FALSE"
-            assert sd.returncode == 0, sd.stderr
+            preempt(proc, drill_env, metadata_server)
             preemptions += 1
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)  # the 30 s between ACPI soft-off and power-off
-            kill_group(proc, signal.SIGKILL)
         else:
             kill_group(proc, signal.SIGKILL)
         proc.wait(60)

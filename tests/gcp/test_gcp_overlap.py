@@ -7,7 +7,6 @@ one the engine makes alone from the same archives. A preemption and a power loss
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from engine_helpers import (
 )
 from gcp_helpers import (
     marker,
+    preempt,
     run_script,
     sample_archives,
     script_env,
@@ -67,18 +67,38 @@ def steer(server: RangeServer, first: Path, engine_work: Path, done: threading.E
     server.rate = None
 
 
-def test_the_engine_embeds_each_archive_while_the_next_downloads(
-    tmp_path: Path, range_server: RangeServer
-) -> None:
-    archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
+def start_reference(tmp_path: Path, archives: list[Path]) -> subprocess.Popen[str]:
+    """The engine alone on copies of the archives, at the same time as the flow (which mostly waits for the
+    network); its few log lines fit in the pipe until finish() reads them."""
     ref_in = tmp_path / "reference" / "in"
     ref_in.mkdir(parents=True)
     for a in archives:
         shutil.copy2(a, ref_in / a.name)
-    # The engine alone, at the same time (the flow below mostly waits for the network).
-    ref_cfg = tiny_config(tmp_path / "reference", ref_in)
-    reference = start_processor(ref_cfg)  # its few log lines fit in the pipe until finish() reads them
+    return start_processor(tiny_config(tmp_path / "reference", ref_in))
 
+
+def vm_env(tmp_path: Path, range_server: RangeServer, names: list[str], **extra: str) -> dict[str, str]:
+    """The startup flow's settings: the archives from ``range_server`` one at a time, the tiny model."""
+    vm = tmp_path / "vm"
+    manifest = write_manifest(
+        tmp_path / "manifest.txt", [(f"{range_server.url}/{n}", f"dataset_unaligned/{n}") for n in names]
+    )
+    config = write_config(tmp_path / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
+    return script_env(
+        vm,
+        TRIPLET_CHECKPOINT_URI=str(vm / "bucket"),
+        TRIPLET_MANIFEST_URI=str(manifest),
+        TRIPLET_PREPROCESS_CONFIG_FILE=str(config),
+        TRIPLET_ARIA2_JOBS="1",
+        **extra,
+    )
+
+
+def test_the_engine_embeds_each_archive_while_the_next_downloads(
+    tmp_path: Path, range_server: RangeServer
+) -> None:
+    archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
+    reference = start_reference(tmp_path, archives)
     try:
         run_flow(tmp_path, range_server, archives, reference)
     finally:
@@ -91,19 +111,7 @@ def run_flow(
 ) -> None:
     names = [a.name for a in archives]
     vm = tmp_path / "vm"
-    manifest = write_manifest(
-        tmp_path / "manifest.txt", [(f"{range_server.url}/{n}", f"dataset_unaligned/{n}") for n in names]
-    )
-    config = write_config(tmp_path / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
-    env = script_env(
-        vm,
-        TRIPLET_RUN_ID="overlap",
-        TRIPLET_CHECKPOINT_URI=str(vm / "bucket"),
-        TRIPLET_MANIFEST_URI=str(manifest),
-        TRIPLET_PREPROCESS_CONFIG_FILE=str(config),
-        TRIPLET_PUSH_INTERVAL_S="5",
-        TRIPLET_ARIA2_JOBS="1",
-    )
+    env = vm_env(tmp_path, range_server, names, TRIPLET_RUN_ID="overlap", TRIPLET_PUSH_INTERVAL_S="5")
     raw, work = vm / "raw", vm / "work"
     archive_dir = raw / "dataset_unaligned"
     engine_work = work / "output" / "dataset.work"
@@ -154,31 +162,19 @@ def test_a_preemption_and_a_power_loss_while_both_run_resume_both(
     first as a preemption (SIGTERM to the group, then the shutdown script with instance/preempted=TRUE),
     then as a power loss (SIGKILL). Each run continues both; the end equals the engine's own run."""
     archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
-    names = [a.name for a in archives]
-    ref_in = tmp_path / "reference" / "in"
-    ref_in.mkdir(parents=True)
-    for a in archives:
-        shutil.copy2(a, ref_in / a.name)
-    reference = start_processor(tiny_config(tmp_path / "reference", ref_in))
-    vm = tmp_path / "vm"
-    manifest = write_manifest(
-        tmp_path / "manifest.txt", [(f"{range_server.url}/{n}", f"dataset_unaligned/{n}") for n in names]
-    )
-    config = write_config(tmp_path / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
-    env = script_env(
-        vm,
+    reference = start_reference(tmp_path, archives)
+    env = vm_env(
+        tmp_path,
+        range_server,
+        [a.name for a in archives],
         TRIPLET_METADATA="required",
         GCE_METADATA_HOST=metadata_server.host,
         TRIPLET_RUN_ID="overlap-drill",
-        TRIPLET_CHECKPOINT_URI=str(vm / "bucket"),
-        TRIPLET_MANIFEST_URI=str(manifest),
-        TRIPLET_PREPROCESS_CONFIG_FILE=str(config),
         TRIPLET_PUSH_INTERVAL_S="2",
-        TRIPLET_ARIA2_JOBS="1",
         TRIPLET_ARIA2_AUTO_SAVE_INTERVAL="1",
         TRIPLET_SHUTDOWN_GRACE_S="15",
     )
-    work = vm / "work"
+    work = tmp_path / "vm" / "work"
     engine_work = work / "output" / "dataset.work"
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -197,13 +193,7 @@ def test_a_preemption_and_a_power_loss_while_both_run_resume_both(
             states = {p: marker(work, p)["status"] for p in ("download", "preprocess")}
             assert states == {"download": "running", "preprocess": "running"}, states
             if how == "preempt":
-                kill_group(proc, signal.SIGTERM)
-                metadata_server.values["instance/preempted"] = "TRUE"
-                sd = run_script("shutdown_preprocess.sh", env=env, timeout=120)
-                metadata_server.values["instance/preempted"] = "FALSE"
-                assert sd.returncode == 0, sd.stderr
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(30)
+                preempt(proc, env, metadata_server)
             kill_group(proc, signal.SIGKILL)
             proc.wait(60)
             wait_group_gone(proc.pid)
