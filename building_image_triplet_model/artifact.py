@@ -43,8 +43,7 @@ def assemble_artifact(ctx: RunContext) -> None:
         )
         progress = {}
     if not progress:
-        dtype_bytes = np.dtype(cfg.embedding_dtype).itemsize
-        preflight.check_artifact_space(layout.output, layout.partial, n, dim, dtype_bytes)
+        preflight.check_artifact_space(layout.output, layout.partial, n, dim, cfg.embedding_dtype)
         # Progress is only ever valid for the skeleton it was made with: none until the new one is written.
         layout.assemble_json.unlink(missing_ok=True)
         log.info("assembling %s: writing the skeleton", layout.partial)

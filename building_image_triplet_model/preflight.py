@@ -83,10 +83,18 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def dtype_bytes(embedding_dtype: str) -> int:
+    return 2 if embedding_dtype == "float16" else 4
+
+
+def artifact_bytes(images: int, dim: int, dtype_bytes: int) -> int:
+    """The artifact's size: the embeddings plus the metadata and locators."""
+    return images * (dim * dtype_bytes + META_BYTES_PER_IMAGE)
+
+
 def estimate_bytes(images: int, dim: int, dtype_bytes: int) -> int:
-    """What a run over ``images`` images writes: embeddings twice (the stores and the artifact) plus
-    metadata."""
-    return images * (2 * dim * dtype_bytes + META_BYTES_PER_IMAGE)
+    """What a run over ``images`` images writes: the artifact, and the embeddings once more in the stores."""
+    return artifact_bytes(images, dim, dtype_bytes) + images * dim * dtype_bytes
 
 
 def _bytes_under(*paths: Path) -> int:
@@ -114,7 +122,7 @@ def check_disk_space_for(
     if archive_sizes and expected > len(archive_sizes):
         archive_bytes = archive_bytes * expected // len(archive_sizes)
     images = archive_bytes // ARCHIVE_BYTES_PER_IMAGE
-    need = estimate_bytes(images, dim, 2 if cfg.embedding_dtype == "float16" else 4)
+    need = estimate_bytes(images, dim, dtype_bytes(cfg.embedding_dtype))
     need -= _bytes_under(layout.work, layout.output)
     free = min(free_bytes(layout.output.parent), free_bytes(layout.work))
     if need > free:
@@ -125,9 +133,9 @@ def check_disk_space_for(
         )
 
 
-def check_artifact_space(path: Path, partial: Path, images: int, dim: int, dtype_bytes: int) -> None:
+def check_artifact_space(path: Path, partial: Path, images: int, dim: int, embedding_dtype: str) -> None:
     """Before the artifact is written (any mode, the merge included): its size is known exactly now."""
-    need = images * (dim * dtype_bytes + META_BYTES_PER_IMAGE)
+    need = artifact_bytes(images, dim, dtype_bytes(embedding_dtype))
     if partial.exists():
         need -= partial.stat().st_size
     free = free_bytes(path.parent)
