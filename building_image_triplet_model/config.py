@@ -6,9 +6,12 @@ The original project keeps one YAML for the trainer and the processor, so the fi
   are not validated; only the width of the embeddings the `model:` section implies is read (TrainerModel),
   for the preflight to compare with the model's;
 * keys of `data:` that only the trainer reads (TRAINER_KEYS) are known and ignored;
-* keys of the old preprocessing (LEGACY_KEYS) are accepted with one warning each that says what they mean
-  now, and mapped where the meaning is the same (`accelerator: cuda` is `device: cuda`);
-* any other unknown key is an error naming it, with the closest known key suggested.
+* every other `data:` key any version of the original project used (LEGACY_KEYS, from its history on all
+  branches) is accepted with one warning that says what it means now, and mapped where the meaning is the
+  same (`accelerator: cuda` is `device: cuda`);
+* a key nobody knows is a warning (a newer trainer's key must not stop a run), unless it is a near-miss of
+  a key the processor reads: then it is an error suggesting that key (a typo must not silently fall back
+  to a default).
 
 Every key has a type, a default and a check; a wrong type or an impossible value is a ConfigError naming
 the key. The processor never writes to the config file.
@@ -91,7 +94,10 @@ class DataConfig:
         return self.n_samples is not None or self.n_images is not None
 
 
-# The old preprocessing's keys: what each means now, and the key it maps to (None: nothing to map).
+# Every other data: key that a version of the original project used (its history on all branches: the
+# config files, the README's examples, the SLURM scripts' configs, the code's data_cfg reads): what each
+# means now, and the key it maps to (None: nothing to map, the value is not used).
+_NO_SIMILARITY = "the processor stores geographic neighbours only (the trainer mines its triplets from those)"
 LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
     "accelerator": ("device", "was the old preprocessing's device; read as data.device"),
     "devices": (
@@ -105,6 +111,42 @@ LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
         "value is not used",
     ),
     "checkpoint_interval_s": ("embedding_chunk_interval_s", "renamed embedding_chunk_interval_s"),
+    "cnn_feature_model": (
+        None,
+        "was the old preprocessing's model for image-similarity difficulty; " + _NO_SIMILARITY + ", so the "
+        "value is not used (the embeddings' model is data.feature_model)",
+    ),
+    "cnn_image_size": (None, "was the input size of cnn_feature_model, which is not used; not used"),
+    "cnn_batch_size": (None, "was the batch size of cnn_feature_model, which is not used; not used"),
+    "difficulty_metric": (None, "chose the old preprocessing's difficulty (geo, cnn); " + _NO_SIMILARITY),
+    "precompute_backbone_embeddings": (
+        None,
+        "chose whether the old preprocessing stored backbone embeddings; this processor always does, so "
+        "the value is not used",
+    ),
+    "use_precomputed_embeddings": (
+        None,
+        "chose whether the old trainer read stored embeddings; the artifact always holds them, so the "
+        "value is not used",
+    ),
+    "store_raw_images": (
+        None,
+        "chose whether the old preprocessing stored image pixels; this processor stores embeddings only, "
+        "so the value is not used",
+    ),
+    "pixel_embedding_downsample_factor": (
+        None,
+        "was the old preprocessing's pixel-embedding resolution; no pixels are stored, so not used",
+    ),
+    "use_legacy_preprocessing": (
+        None,
+        "chose between the old preprocessing's two methods; there is one, so the value is not used",
+    ),
+    "metadata_file": (
+        None,
+        "was the old preprocessing's metadata CSV; this processor reads each image's own .txt, so the "
+        "value is not used",
+    ),
 }
 _ACCELERATOR_TO_DEVICE = {"auto": "auto", "cuda": "cuda", "gpu": "cuda", "cpu": "cpu"}
 
@@ -157,13 +199,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     raise AssertionError(f"unhandled type {hint} for {key}")
 
 
-def _unknown_key_error(key: str) -> ConfigError:
-    candidates = sorted(known_keys() | TRAINER_KEYS | LEGACY_KEYS.keys())
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    hint = (
-        f"; did you mean data.{close[0]}?" if close else f" (known keys: {', '.join(sorted(known_keys()))})"
-    )
-    return ConfigError(f"data.{key}: unknown key{hint}")
+def _near_miss(key: str) -> str | None:
+    """The key the processor reads that an unknown key most likely misspells; None where none is close.
+    Only keys the processor reads are suggested: a key it ignores would make the fix a no-op."""
+    close = difflib.get_close_matches(key, sorted(known_keys()), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _unknown_key(key: str) -> str:
+    """A key nobody knows: an error where it misspells a key the processor reads, else the warning."""
+    suggestion = _near_miss(key)
+    if suggestion is not None:
+        raise ConfigError(f"data.{key}: unknown key; did you mean data.{suggestion}?")
+    return f"data.{key}: unknown key, not read by the processor (a key of a newer trainer?)"
 
 
 def _translate_legacy(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -206,9 +254,9 @@ def from_mapping(data: Any, base_dir: Path | None = None) -> DataConfig:
         raise ConfigError(f"data: keys must be names, got {bad[0]!r}")
     data, notes = _translate_legacy(data)
     hints = get_type_hints(DataConfig)
-    unknown = sorted(set(data) - known_keys())
-    if unknown:
-        raise _unknown_key_error(unknown[0])
+    for key in sorted(set(data) - known_keys()):
+        notes.append(_unknown_key(key))
+        del data[key]
     for required in ("input_dir", "hdf5_path"):
         if data.get(required) is None:
             raise ConfigError(f"data.{required}: required")
