@@ -38,8 +38,15 @@ MAX_CORRUPT_FILES = 20  # each found one is moved aside and recomputed; this man
 
 def install_signal_handlers(stop: threading.Event) -> None:
     first: list[float] = []
+    owner = os.getpid()
 
     def handler(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            # A forked child (a decode or index worker) inherits this handler; a terminal's Ctrl-C reaches
+            # the whole process group. Stopping the children is the parent's job: a child that logged here
+            # would repeat the line and redraw its copies of the bars, and its watchdog would exit 75
+            # under the DataLoader ("worker exited unexpectedly").
+            return
         name = signal.Signals(signum).name
         if stop.is_set():
             if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
@@ -49,9 +56,8 @@ def install_signal_handlers(stop: threading.Event) -> None:
         first.append(time.monotonic())
         stop.set()
         log.warning(
-            "%s received: saving progress, exiting within %.0f s (exit code %d)",
+            "%s received: saving progress and stopping (exit %d); run the same command again to continue",
             name,
-            STOP_GRACE_S,
             Exit.INTERRUPTED,
         )
 
@@ -220,6 +226,7 @@ def execute(
         log.warning(
             "interrupted: progress is saved; run the same command again to continue (exit %d)",
             Exit.INTERRUPTED,
+            extra=FILE_ONLY if stop.is_set() else {},  # a stop request has said so on the console
         )
         return Exit.INTERRUPTED
     except RunError as exc:
