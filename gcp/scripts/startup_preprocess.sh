@@ -165,7 +165,7 @@ step_uv() {
     mkdir -p "$TRIPLET_CACHE_DIR/uv"
     log "uv: uv sync --frozen in $TRIPLET_REPO_DIR (cache $TRIPLET_CACHE_DIR/uv)"
     (cd "$TRIPLET_REPO_DIR" && UV_CACHE_DIR="$TRIPLET_CACHE_DIR/uv" UV_PYTHON_DOWNLOADS=never \
-      retry 3 run_logged "$TRIPLET_UV" sync --frozen --no-progress)
+      retry 3 run_logged "$TRIPLET_UV" sync --frozen --no-progress --compile-bytecode)
   fi
   [[ -x "$TRIPLET_PYTHON" ]] || die "uv: no Python at $TRIPLET_PYTHON"
 }
