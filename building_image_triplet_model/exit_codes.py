@@ -82,8 +82,13 @@ def help_table(codes: tuple[Exit, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m building_image_triplet_model.exit_codes CODE"
+    if args in (["-h"], ["--help"]):
+        print(f"{usage}\n\nPrints what an exit code of the engine's commands means and what to do.\n")
+        print("\n".join(describe(int(code)) for code in Exit))
+        return 0
     if len(args) != 1 or not args[0].lstrip("-").isdigit():
-        print("usage: python -m building_image_triplet_model.exit_codes CODE", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     print(describe(int(args[0])))
     return 0

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.html:
         from . import report_page
 
-        report_page.write(cfg, report, args.html)
+        print(f"wrote {report_page.write(cfg, report, args.html, args.config)}")
     return Exit.OK if report["complete"] else Exit.WORK_REMAINS
 
 

@@ -97,7 +97,14 @@ def archive_states(
             state = "stale"
         else:
             state = "pending"
-        out[name] = {"state": state, "images": len(needed), "to_embed": missing}
+        out[name] = {
+            "state": state,
+            "images": len(needed),
+            "to_embed": missing,
+            "indexed": int(m["images"]),
+            "targets": int(m["targets"]),
+            "rejected": sum(m["rejects"].values()),
+        }
     return out
 
 
@@ -146,6 +153,11 @@ def collect(cfg: DataConfig) -> dict[str, Any]:
         steps["plan"].update(images=len(p["rows"]), targets=len(p["target_keys"]))
         knn_key = identity.knn_key(p["key"], cfg.knn_k)
         sizes = {s: len(plan.split_targets(p, s)) for s in plan.SPLITS}
+        report["splits"] = {
+            s: {"targets": n, "images": int(p["target_images"][p["target_split"] == i].sum())}
+            for i, (s, n) in enumerate(sizes.items())
+        }
+        report["knn_key"] = knn_key
         done = sum(layout.knn_rows_done(knn_key, s, n) for s, n in sizes.items())
         knn = {
             "status": _status(done, sum(sizes.values())),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -113,13 +114,38 @@ def test_one_map_panel_per_dataset_with_a_circle_per_target_coloured_by_split(
         assert len(circles) == int(sel.sum()) == 12
         want = Counter(report_page.SPLIT_COLOURS[report_page.SPLITS[s]] for s in t["split"][sel].tolist())
         assert Counter(c["fill"] for c in circles) == want
-        for c in circles:  # inside the panel
-            assert 0 <= float(c["cx"]) <= 220 and 0 <= float(c["cy"]) <= 220
+        [frame] = [r for r in svg.all("rect") if r.get("stroke")]
+        x0, y0 = float(frame["x"]), float(frame["y"])
+        x1, y1 = x0 + float(frame["width"]), y0 + float(frame["height"])
+        for c in circles:  # inside the frame
+            assert x0 <= float(c["cx"]) <= x1 and y0 <= float(c["cy"]) <= y1
+        assert "longitude (°)" in svg.texts and "latitude (°)" in svg.texts  # axes
+        assert sum(t.replace(".", "").lstrip("-").isdigit() for t in svg.texts) >= 4  # tick labels
+        assert any(t.endswith((" m", " km")) for t in svg.texts)  # the scale bar
     assert [c.split(":")[0] for c in page.captions] == ["dataset 3", "dataset 4", "dataset 9"]
-    assert all(": 12 targets," in c for c in page.captions)
+    assert all(c.endswith(": 12 targets") for c in page.captions)
 
 
-def test_the_knn_histogram_has_a_line_per_split(complete_page: tuple[str, Page, dict]) -> None:
+def test_far_off_targets_do_not_shrink_the_map_they_are_counted() -> None:
+    rng = np.random.default_rng(2)
+    n = 200
+    lat = np.concatenate([rng.uniform(40.70, 40.72, n), [10.0, -30.0]])  # two wrong coordinates
+    lon = np.concatenate([rng.uniform(-74.01, -73.99, n), [20.0, 100.0]])
+    t = {"key": 3_000_000_000 + np.arange(n + 2), "lat": lat, "lon": lon, "split": np.zeros(n + 2, np.int8)}
+    page = Page(report_page.map_panels(t))
+    [svg] = page.svgs
+    circles = svg.all("circle")
+    assert len(circles) >= n - 6  # the city is drawn (the 1st-99th percentile frame, plus a margin)
+    xs = [float(c["cx"]) for c in circles]
+    assert max(xs) - min(xs) > 100  # spread over the frame, not collapsed into one dot
+    assert "2 far off (outside the frame, not drawn)" in page.captions[0] or "far off" in page.captions[0]
+    [bar] = [t for t in svg.texts if t.endswith((" m", " km"))]
+    assert bar in ("500 m", "1 km", "2 km")  # a city's few kilometres, not thousands
+
+
+def test_the_knn_histogram_has_a_line_per_split_axes_and_a_legend(
+    complete_page: tuple[str, Page, dict],
+) -> None:
     _, page, _ = complete_page
     [hist] = page.svgs_in("KNN distances")
     lines = hist.all("polyline")
@@ -127,10 +153,14 @@ def test_the_knn_histogram_has_a_line_per_split(complete_page: tuple[str, Page, 
     for p in lines:
         points = [tuple(map(float, xy.split(","))) for xy in p["points"].split()]
         assert len(points) == 40  # bins
-        assert all(50 <= x <= 640 and 20 <= y <= 190 for x, y in points)
+        assert all(50 <= x <= 640 and 20 <= y <= 220 for x, y in points)
     # Some distances are drawn: not every line lies on the base line.
-    assert any(float(xy.split(",")[1]) < 190 for p in lines for xy in p["points"].split())
+    assert any(float(xy.split(",")[1]) < 220 for p in lines for xy in p["points"].split())
     assert any(t.endswith(" m") for t in hist.texts)  # distance ticks
+    assert "distance from a target to one of its neighbours (m, log scale)" in hist.texts
+    assert "% of the split's neighbours" in hist.texts
+    legend = [t for t in hist.texts if t.endswith(" distances)")]
+    assert [t.split(" ")[0] for t in legend] == ["train", "val", "test"]
 
 
 def test_a_bar_per_reject_reason_with_who_found_it(complete_page: tuple[str, Page, dict]) -> None:
@@ -163,6 +193,7 @@ def test_the_page_is_self_contained(complete_page: tuple[str, Page, dict]) -> No
     assert text.startswith("<!DOCTYPE html>\n<html lang='en'>")
     assert_self_contained(text, page)
     assert page.sections == [
+        "Totals",
         "Targets by split",
         "KNN distances (great-circle metres, log scale)",
         "Rejects by reason (who found them)",
@@ -173,12 +204,26 @@ def test_the_page_is_self_contained(complete_page: tuple[str, Page, dict]) -> No
 def test_write_puts_the_page_in_a_file(reference: config.DataConfig, tmp_path: Path) -> None:
     report = status.collect(reference)
     path = tmp_path / "sub" / "page.html"
-    report_page.write(reference, report, path)
-    assert path.read_text() == report_page.render(reference, report)
+    assert report_page.write(reference, report, path, when="T") == path
+    assert path.read_text() == report_page.render(reference, report, when="T")
+
+
+def test_the_header_and_the_totals(complete_page: tuple[str, Page, dict], reference) -> None:
+    text, page, report = complete_page
+    assert "<dt>config</dt>" in text and f"<dd>{Layout(reference).output}</dd>" in text
+    assert "<dt>report made</dt>" in text
+    t = artifact_targets(Layout(reference).output)
+    for i, split in enumerate(report_page.SPLITS):
+        assert report["splits"][split]["targets"] == int((t["split"] == i).sum())
+    total = sum(v["images"] for v in report["splits"].values())
+    assert f"<td>total</td><td>36</td><td>{total}</td><td>{sum(report['rejects'].values())}</td>" in text
+    for name, a in report["archives"].items():
+        assert f"<td>{name}</td><td>{a['indexed']}</td><td>12</td><td>{a['rejected']}</td>" in text
+    assert "Progress" not in page.sections  # complete: nothing in progress
 
 
 # ------------------------------------------------------------------------------------ not complete yet
-def test_before_the_artifact_maps_come_from_the_plan_and_there_is_no_histogram(
+def test_before_the_artifact_maps_and_knn_come_from_the_work_folder(
     reference: config.DataConfig, tmp_path: Path
 ) -> None:
     lay = Layout(reference)
@@ -186,15 +231,18 @@ def test_before_the_artifact_maps_come_from_the_plan_and_there_is_no_histogram(
     shutil.copytree(lay.work, out / "dataset.work")  # the work folder only: no artifact, no stats
     cfg = config.from_mapping({**_settings(reference), "hdf5_path": str(out / "dataset.h5")})
     report = status.collect(cfg)
-    assert report["complete"] is False
+    assert report["complete"] is False and report["steps"]["knn"]["status"] == "done"
     text = report_page.render(cfg, report)
     page = Page(text)
     assert_self_contained(text, page)
-    assert "KNN distances (great-circle metres, log scale)" not in page.sections
-    assert all(len(s.all("polyline")) == 0 for s in page.svgs)
+    # KNN is done: its distances are shown, from the KNN chunks
+    [hist] = page.svgs_in("KNN distances")
+    assert len(hist.all("polyline")) == 3
     maps = page.svgs_in("Targets by split")
     assert len(maps) == 3 and sum(len(m.all("circle")) for m in maps) == 36
-    assert "not complete; next run:" in text
+    assert "<dd>not complete</dd>" in text
+    assert page.sections[:2] == ["Progress", "Totals"]
+    assert "<td>knn</td><td>done</td><td>36 / 36 targets</td>" in text
 
 
 def test_without_a_plan_there_is_no_map(reference: config.DataConfig, tmp_path: Path) -> None:
@@ -240,3 +288,46 @@ def test_a_large_panel_is_thinned_to_the_cap() -> None:
     }
     page = Page(report_page.map_panels(t))
     assert len(page.svgs[0].all("circle")) <= report_page.MAX_POINTS_PER_PANEL
+
+
+# ------------------------------------------------------------------------------------- in a real browser
+def _browser(page: Path, shot: Path) -> str:
+    """Headless Chromium (Debian's `chromium`, make sys-deps): a screenshot, and the DOM it rendered."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is not installed: run make sys-deps"
+    common = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000"]
+    url = page.resolve().as_uri()
+    subprocess.run([*common, f"--screenshot={shot}", url], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120
+    )
+    return dom.stdout
+
+
+def _assert_drawn(shot: Path) -> None:
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1400, 2000)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50  # text, dots and lines were painted, not a blank page
+
+
+def test_the_page_in_a_browser_complete_and_partial(reference: config.DataConfig, tmp_path: Path) -> None:
+    lay = Layout(reference)
+    shutil.copytree(lay.work, tmp_path / "out" / "dataset.work")  # a run stopped after KNN
+    partial = config.from_mapping({**_settings(reference), "hdf5_path": str(tmp_path / "out" / "dataset.h5")})
+    for name, cfg, complete in (("complete", reference, True), ("partial", partial, False)):
+        report = status.collect(cfg)
+        assert report["complete"] is complete
+        page = report_page.write(cfg, report, tmp_path / f"{name}.html", cfg_path="cfg.yaml")
+        dom = _browser(page, tmp_path / f"{name}.png")
+        _assert_drawn(tmp_path / f"{name}.png")
+        shown = Page(dom)
+        want = ["Totals", "Targets by split", "KNN distances (great-circle metres, log scale)"]
+        assert all(s in shown.sections for s in want), shown.sections
+        assert ("Progress" in shown.sections) is not complete
+        total = sum(v["images"] for v in report["splits"].values())
+        assert f"<td>total</td><td>36</td><td>{total}</td>" in dom
+        assert "<dt>config</dt><dd>cfg.yaml</dd>" in dom
+        assert len(shown.svgs_in("Targets by split")) == 3

@@ -8,6 +8,7 @@
     status      the phases, the preemptions, and the engine's report
     shutdown    REASON: count a preemption (REASON preempted) or a stop, then push the small files
     get KEY     print one stored setting (true/false for booleans)
+    --help      this text
 
 Every command logs in the project's one format to stderr and to $TRIPLET_LOG_FILE when it is set.
 """
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     log_file = os.environ.get("TRIPLET_LOG_FILE") or None
     setup_logging(Path(log_file) if log_file else None)
+    if args[:1] in (["-h"], ["--help"], ["help"]):
+        print(__doc__)
+        return 0
     if not args:
         print(__doc__, file=sys.stderr)
         return 2
