@@ -251,6 +251,7 @@ def test_html_of_a_complete_run(reference: config.DataConfig, tmp_path: Path) ->
     rc, _, _ = status(cfg, "--html", str(page))
     assert rc == 0
     text = page.read_text()
-    assert "<h1>dataset.h5</h1><p>complete;" in text and "KNN distances" in text
+    assert "<h1>dataset.h5</h1>" in text and "<dt>state</dt><dd>complete</dd>" in text
+    assert "KNN distances" in text
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k != str(page)} == before
