@@ -20,6 +20,10 @@ DRY_RUN_ENV = TRIPLET_SKIP_SYSTEM=1 TRIPLET_SKIP_DISKS=1 TRIPLET_SKIP_REPO=1 TRI
 	TRIPLET_RUN_DIR=$(CURDIR)/$(DRY_RUN_DIR)/run TRIPLET_RUN_ID=dry-run \
 	TRIPLET_CHECKPOINT_URI=$(CURDIR)/$(DRY_RUN_DIR)/bucket TRIPLET_MANIFEST_URI=$(CURDIR)/$(DRY_RUN_DIR)/manifest.txt \
 	TRIPLET_PREPROCESS_CONFIG_PATH=$(DRY_RUN_CONFIG) TRIPLET_PUSH_INTERVAL_S=10 TRIPLET_ARIA2_JOBS=1
+# The bootstrap's steps that a dry run has (system, disks, repo, uv and the Ops Agent are the VM's own).
+DRY_RUN_STEPS := config preflight restore start
+# The job's "done" marker (TRIPLET_MOUNT_WORK's state/, vm/paths.py): a run complete before this one.
+DRY_RUN_DONE := $(DRY_RUN_DIR)/work/state/done.json
 
 .PHONY: gcp-download gcp-extract gcp-preprocess dry-run dry-run-status dry-run-clean
 
@@ -38,6 +42,7 @@ $(DRY_RUN_ARCHIVES)/0009.tar: building_image_triplet_model/sample_data.py
 	rm -rf $(DRY_RUN_ARCHIVES)
 	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3 --bad
 
+# A run complete before this one says so in one line (the job's), without the report: `make dry-run-status`.
 dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives (aria2c from 127.0.0.1)
 	@command -v aria2c >/dev/null 2>&1 || { echo "aria2c is not installed: make sys-deps"; exit 1; }
 	@mkdir -p $(DRY_RUN_DIR) && rm -f $(DRY_RUN_DIR)/server.url
@@ -48,8 +53,9 @@ dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sa
 	url=$$(cat $(DRY_RUN_DIR)/server.url); \
 	for f in $(DRY_RUN_ARCHIVES)/*.tar; do n=$$(basename $$f); printf '%s/%s\n\tout=dataset_unaligned/%s\n' "$$url" "$$n" "$$n"; \
 	done > $(DRY_RUN_DIR)/manifest.txt; \
-	$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh
-	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status
+	done_before=$$([[ -f $(DRY_RUN_DONE) ]] && echo 1 || true); \
+	$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh $(DRY_RUN_STEPS); \
+	[[ -n "$$done_before" ]] || $(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status
 
 dry-run-status: ## the dry run's phase markers and the engine's status report
 	@$(DRY_RUN_ENV) bash $(GCP_SCRIPTS)/startup_preprocess.sh status

@@ -76,3 +76,27 @@ def test_the_demo_output_is_short_enough_to_read(demo):
     # The report reconciles without arithmetic: who found each reject is said.
     text = "\n".join(lines)
     assert "found by the index:" in text and "found by the decoder: decode_error=3, not_jpeg=3" in text
+
+
+def test_a_second_demo_says_it_is_complete_in_a_few_lines_and_pushes_nothing(demo):
+    copy, _ = demo
+    bucket = copy / "build/dry-run/bucket"
+    before = {p: p.stat().st_mtime_ns for p in bucket.rglob("*") if p.is_file()}
+    venv_bin = str(Path(sys.executable).parent)
+    r = subprocess.run(
+        ["make", "-o", "setup", "-o", "sys-deps", "demo", "RUN=", f"DRY_RUN_PYTHON={sys.executable}"],
+        cwd=copy,
+        env={**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) <= 8, lines
+    assert " job[" in lines[-1] and ": dry-run is complete (" in lines[-1], lines  # the one line saying so
+    assert lines[-1].endswith("): nothing to do"), lines
+    text = "\n".join(lines)
+    for word in ("pushed", "phase ", "extract_archives", "skipping", "Bytecode"):
+        assert word not in text, (word, lines)
+    assert {p: p.stat().st_mtime_ns for p in bucket.rglob("*") if p.is_file()} == before  # nothing pushed

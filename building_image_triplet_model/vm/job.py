@@ -30,7 +30,7 @@ from ..exit_codes import TERM_EXIT
 from ..progress import utc_now
 from . import checkpoint, publish
 from .paths import VMPaths
-from .phases import DONE, Markers
+from .phases import DONE, PHASES, Markers
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,28 @@ class Job:
         return proc
 
     # ---- the flow
+    def complete(self) -> bool:
+        """The run is done and every phase it needs still has its output: nothing to do, nothing to push."""
+        if not self.markers.is_done(DONE):
+            return False
+        mode, extract = self.s["mode"], self.s["extract-archives"]
+        needed = [
+            p
+            for p in PHASES
+            if not (mode == "merge" and p in ("download", "extract"))
+            and not (p == "extract" and not extract)
+            and not (mode == "worker" and p == "finalize")
+        ]
+        return all(self.markers.is_done(p) and self.phase_valid(p) for p in needed)
+
     def run(self) -> int:
+        if self.complete():
+            log.info(
+                "%s is complete (%s): nothing to do",
+                self.s["run-id"],
+                self.markers.get(DONE).get("finished_at"),
+            )
+            return 0 if self.s["on-done"] == "none" else publish.on_done(self.s, self.env)
         if self.s["mode"] == "merge":
             log.info("job: mode merge: no download or extraction (the merge reads the workers' shards)")
             code = self.preprocess(download=None)
@@ -249,13 +270,13 @@ class Job:
         return self.end("download", code, summary)
 
     def sequential(self) -> int:
+        if not self.s["extract-archives"]:
+            # run() found the download done (else it runs beside the engine), and nothing is extracted: a
+            # phase that never ran would appear on a second run, and push its marker
+            return self.preprocess(download=None)
         for phase, script, args in (
             ("download", "download_archives.sh", self._download_args()),
-            (
-                "extract",
-                "extract_archives.sh",
-                self._extract_args() + ([] if self.s["extract-archives"] else ["--skip"]),
-            ),
+            ("extract", "extract_archives.sh", self._extract_args()),
         ):
             if not self.should_run(phase):
                 continue

@@ -101,10 +101,30 @@ def test_full_flow_then_every_phase_is_skipped(tmp_path: Path) -> None:
 
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
+    # complete: one line says so, nothing runs, nothing is pushed
+    job_lines = [line for line in r.stderr.splitlines() if " job[" in line]
+    assert len(job_lines) == 1 and job_lines[0].endswith("): nothing to do"), job_lines
+    assert "job[" in job_lines[0] and ": run-1 is complete (20" in job_lines[0]
+    assert "pushed" not in r.stderr
     for phase in ("download", "extract", "preprocess", "finalize"):
-        assert f"phase {phase}: done (attempts 1); skipping" in r.stderr
         assert marker(tmp_path / "work", phase)["attempts"] == 1
     assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1, "the engine did not run again"
+
+
+def test_a_rerun_after_the_download_says_so_once_and_runs_no_phase_the_first_run_had_not(
+    tmp_path: Path,
+) -> None:
+    # Reading the archives in place (the default): no extract phase, on the first run or any later one.
+    env = flow_env(tmp_path)
+    assert run_script("startup_preprocess.sh", env=env).returncode == 0
+    state = tmp_path / "work" / "state"
+    for name in ("preprocess", "finalize", "done"):  # the download stays done; the rest is to do again
+        (state / f"{name}.json").unlink()
+    r = run_script("startup_preprocess.sh", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("phase download: done (attempts 1); skipping") == 1
+    assert "phase extract" not in r.stderr and not (state / "extract.json").exists()
+    assert marker(tmp_path / "work", "preprocess")["status"] == "done"
 
 
 def test_engine_exit_codes_are_recorded(tmp_path: Path) -> None:
@@ -192,8 +212,7 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
     assert "nothing to restore" in r.stderr
-    assert "phase download: done (attempts 1); skipping" in r.stderr
-    assert "phase finalize: done (attempts 1); skipping" in r.stderr
+    assert "run-1 is complete (" in r.stderr and "skipping" not in r.stderr
     assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1
 
     # A whole boot onto another new work disk: the preflight writes state/preflight.json before the restore
@@ -202,7 +221,7 @@ def test_checkpoint_restore_onto_a_fresh_work_disk_through_the_emulator(
     r = run_script("startup_preprocess.sh", env=env)
     assert r.returncode == 0, r.stderr
     assert "restoring it" in r.stderr
-    assert "phase preprocess: done (attempts 1); skipping" in r.stderr
+    assert "run-1 is complete (" in r.stderr
     assert len((tmp_path / "starts.txt").read_text().splitlines()) == 1, "the engine did not start over"
 
 
