@@ -102,6 +102,10 @@ PZ=(--project="$PROJECT" --zone="$ZONE")
 BUILDER_NAME="${CFG[BAKED_IMAGE_FAMILY]}-builder"
 
 # --- dispatch ----------------------------------------------------------------------------------------------
+# What hands REPO_URL and REPO_REF to a VM checks first that the ref is there (before anything is created).
+case $SUBCOMMAND in
+all | image | template | mig | vm) check_repo_ref ;;
+esac
 case $SUBCOMMAND in
 apis) do_apis ;;
 buckets) do_buckets ;;
