@@ -17,7 +17,8 @@
 #   mig               the managed instance group of size 1 (stateful disks)    [DEPLOY_MODE=mig]
 #     --apply-now       replace the group's VM now when the template changed (default: at next recreation)
 #   vm                a single VM from the template (alternative to mig)        [DEPLOY_MODE=vm]
-#   all               apis buckets service-account disks upload-scripts [image] template, then mig or vm
+#   setup             apis buckets service-account disks upload-scripts [image] template: everything but the VM
+#   all               setup, then mig or vm (the VM starts the run)
 #   status            VM state, the baked image, phase markers from the bucket, preemptions so far
 #   mirror            the manifest's archives into RAW_BUCKET (verified, resumable; run it again after any
 #                     interruption), and a manifest reading them from there next to MANIFEST_URI
@@ -112,7 +113,7 @@ BUILDER_NAME="${CFG[BAKED_IMAGE_FAMILY]}-builder"
 # --- dispatch ----------------------------------------------------------------------------------------------
 # What hands REPO_URL and REPO_REF to a VM checks first that the ref is there (before anything is created).
 case $SUBCOMMAND in
-all | image | template | mig | vm) check_repo_ref ;;
+setup | all | image | template | mig | vm) check_repo_ref ;;
 esac
 case $SUBCOMMAND in
 apis) do_apis ;;
@@ -124,7 +125,7 @@ image) do_image ;;
 template) do_template ;;
 mig) do_mig ;;
 vm) do_vm ;;
-all)
+setup | all)
 	do_apis
 	do_buckets
 	do_service_account
@@ -132,7 +133,9 @@ all)
 	do_upload_scripts
 	if [[ ${CFG[USE_BAKED_IMAGE]} == true ]]; then do_image; fi
 	do_template
-	if [[ ${CFG[DEPLOY_MODE]} == mig ]]; then do_mig; else do_vm; fi
+	if [[ $SUBCOMMAND == all ]]; then
+		if [[ ${CFG[DEPLOY_MODE]} == mig ]]; then do_mig; else do_vm; fi
+	fi
 	;;
 status) do_status ;;
 mirror) do_mirror ;;

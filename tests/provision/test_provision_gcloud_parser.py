@@ -85,6 +85,7 @@ PROVISION_MATRIX: list[tuple[list[str], list[str], str]] = [
     ),
     ([], ["teardown", "--delete-images"], "exists:"),
     (SPOT_VM_SELF_STOP, ["teardown", "--delete-service-account"], "exists:"),
+    ([], ["setup"], "missing"),
     ([], ["mirror"], "missing"),
     ([], ["weights"], "missing"),
     ([], ["smoke-benchmark"], "missing"),
