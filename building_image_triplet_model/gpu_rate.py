@@ -1,10 +1,10 @@
 """The L4's embedding rate the cost model uses by default: measured when the GPU benchmark has run on an L4,
 else an estimate, and always labelled which.
 
-The measurement is ``benchmarks/results/gpu.json``, written by ``benchmarks/gpu.py`` on the VM (``make
-gpu-smoke`` there, or ``gcp/provision.sh smoke-benchmark``; ``make bench-record`` copies a run into
-``benchmarks/results/``). Its figure ``pipeline_images_per_s`` is the real pipeline (archives read in place,
-decode workers, model, chunk writer) with ``configs/vm.yaml``'s production settings, so it is what a run gets.
+The measurement is ``benchmarks/results/gpu.json``, written by ``benchmarks/gpu.py`` on the run's L4 and
+copied here by ``gcp/provision.sh smoke-benchmark`` (or ``make bench-record`` after ``make bench`` on a
+GPU). Its figure ``pipeline_images_per_s`` is the real pipeline (archives read in place, decode workers,
+model, chunk writer) with ``configs/vm.yaml``'s production settings, so it is what a run gets.
 
 The estimate (no L4 measurement yet): eager bf16 autocast keeps LayerNorm and the residual stream in fp32,
 so the L4's 300 GB/s bounds DINOv2 ViT-B/14 at 518 px to about 120-150 img/s (from its bandwidth and timm's
