@@ -122,3 +122,48 @@ def test_an_artifact_that_is_not_what_the_vm_uploaded_is_refused(
     assert fetch_result.main([run, str(tmp_path / "results")]) == 3
     assert "differ from _SUCCESS.json" in capsys.readouterr().err
     assert not (tmp_path / "results" / layout.output.name).exists()
+
+
+def test_provision_fetch_with_the_committed_defaults(
+    reference: config.DataConfig, gcs_emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gcp/provision.sh fetch` as an operator runs it: the committed gcp/provision.conf (no --set), the
+    stand-in gcloud of tests/provision for the look, fake-gcs-server for the objects."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "provision"))
+    from provision_helpers import FAKE_GCLOUD, checkout_copy
+
+    repo = checkout_copy(
+        tmp_path / "repo", origin="https://example.invalid/org/building-image-triplet-model.git"
+    )
+    (repo / ".venv").symlink_to(REPO / ".venv")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{FAKE_GCLOUD}" "$@"\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {
+        **os.environ,
+        **gcs_emulator.env(),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_GCLOUD_STATE": str(tmp_path / "state.json"),
+        "FAKE_GCLOUD_LOG": str(tmp_path / "calls.log"),
+        "FAKE_GCLOUD_PROJECT": "operator-project-1",
+    }
+    script = repo / "gcp" / "provision.sh"
+
+    def provision(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    assert provision("buckets").returncode == 0
+    client = gcs_emulator.client()
+    if client.lookup_bucket("building-triplets-processed") is None:
+        client.create_bucket("building-triplets-processed")
+    run = publish_run(reference, "building-triplets-processed")
+    assert run == "gs://building-triplets-processed/checkpoints/run-001"  # CHECKPOINT_URI/RUN_ID
+    r = provision("fetch")
+    assert r.returncode == 0, r.stderr[-3000:]
+    dest = repo / "build" / "results" / "run-001"
+    assert f"the run's files are in {dest}" in r.stdout
+    layout = Layout(reference)
+    assert (dest / layout.output.name).read_bytes() == layout.output.read_bytes()
