@@ -310,8 +310,17 @@ def example_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     for alias in ("x.git", "org/building-image-triplet-model.git"):
         (root / alias).parent.mkdir(parents=True, exist_ok=True)
         (root / alias).symlink_to(main)
+    # This checkout's own origin too (a developer's clone): the dry runs of the scripts at REPO read the ref
+    # there, and must not depend on the network or on what was pushed.
+    own = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    rewrites = [(f"url.file://{root}/.insteadOf", EXAMPLE_REMOTE)]
+    if own:
+        rewrites.append((f"url.file://{main}.insteadOf", own))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GIT_CONFIG_COUNT", "1")
-        mp.setenv("GIT_CONFIG_KEY_0", f"url.file://{root}/.insteadOf")
-        mp.setenv("GIT_CONFIG_VALUE_0", EXAMPLE_REMOTE)
+        mp.setenv("GIT_CONFIG_COUNT", str(len(rewrites)))
+        for i, (key, value) in enumerate(rewrites):
+            mp.setenv(f"GIT_CONFIG_KEY_{i}", key)
+            mp.setenv(f"GIT_CONFIG_VALUE_{i}", value)
         yield root
