@@ -1,9 +1,11 @@
 """The prepared GPU benchmark: one script, under 8 minutes on one GPU.
 
-1. Forward-only images/s of vit_base_patch14_dinov2.lvd142m at 518 (random weights) through the engine's
-   own path (preflight.resolve, backbone.load, Backbone.embed on uint8 pixels already on the host, pinned)
-   in fp32, tf32, bf16 and fp16 autocast over batch sizes 32/64/128; then bf16 + torch.compile at batch 64
-   (its compile time too).
+1. Forward-only images/s and peak GPU memory of vit_base_patch14_dinov2.lvd142m at 518 (random weights)
+   through the engine's own path (preflight.resolve, backbone.load, Backbone.embed on uint8 pixels already on
+   the host, pinned) over batch sizes 16/32/64/128: bf16 autocast (the production precision), then bf16
+   WEIGHTS (the model cast to bf16 under the same autocast: the residual stream in bf16 too, half the
+   bandwidth; not an engine option yet), then fp32, tf32 and fp16 autocast; then torch.compile at batch 64
+   and 128 for bf16 autocast and bf16 weights (their compile time too).
 2. The real pipeline (pipeline.execute: archives read in place, decode workers, model, chunk writer,
    artifact) on generated archives with the production settings of configs/vm.yaml (device cuda, bf16,
    batch 64, its decode workers or the machine's default), random weights instead of the hub's: images/s
@@ -11,11 +13,13 @@
 3. If time is left: torchvision's decode_jpeg on the GPU (640 px JPEGs).
 
 Every figure is the median of repeats with the values kept; a case that would start past the time budget
-is skipped and says so. Order: bf16 (production) forward-only, the pipeline, the other precisions, compile,
-decode, so that what matters most runs first. A table is printed last; JSON goes to $OUT when set, else
-build/bench/results.
+is skipped and says so. Order: bf16 (production) forward-only, the pipeline, bf16 weights, compile, the other
+precisions, decode, so that what matters most runs first. A table is printed last; JSON goes to $OUT when
+set, else build/bench/results. Its ``pipeline_images_per_s`` (an L4 run, not --small) is the rate the cost
+model reads from benchmarks/results/gpu.json (building_image_triplet_model/gpu_rate.py).
 
     python benchmarks/gpu.py [--out DIR] [--budget-s 420]      # on a GPU: the real sizes
+    gcp/provision.sh smoke-benchmark                           # the same on the run's L4, --budget-s 900
     python benchmarks/gpu.py --small                           # anywhere (the CPU): tiny, proves it runs
 """
 
@@ -114,7 +118,7 @@ def main() -> int:
         return False
 
     vit, size, batches = (
-        ("vit_base_patch14_dinov2.lvd142m", 518, [32, 64, 128])
+        ("vit_base_patch14_dinov2.lvd142m", 518, [16, 32, 64, 128])
         if cuda
         else ("test_vit.r160_in1k", 64, [4, 8])
     )
@@ -138,41 +142,59 @@ def main() -> int:
         "seconds_per_repeat": seconds,
         "repeats": bench.repeats,
     }
-    table: list[tuple[str, int, str, float]] = []
+    table: list[tuple[str, int, str, float, float | None]] = []
+
+    def load_case(precision: str, compile_: bool = False) -> backbone.Backbone:
+        """``bf16w``: bf16 autocast with the weights themselves in bf16."""
+        autocast = "bf16" if precision == "bf16w" else precision
+        _, bb = load({**base, "precision": autocast, "compile": compile_})
+        if precision == "bf16w":
+            bb.model.to(torch.bfloat16)
+        return bb
+
+    def measure(bb: backbone.Backbone, name: str, batch: int, label: str, mode: str) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rates = forward_rate(bb, batch, size, seconds, bench.repeats)
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+        bench.figures[f"{name}_images_per_s"] = stat(rates, "images/s", 1)
+        if peak is not None:
+            bench.figures[f"{name}_peak_memory_gib"] = peak
+        table.append((label, batch, mode, median(rates), peak))
+        bench.log(f"{label} {mode} batch {batch}: {median(rates):.1f} img/s, peak {peak} GiB")
 
     def forward_cases(precision: str) -> None:
         if not time_left(f"forward_{precision}"):
             return
-        _, bb = load({**base, "precision": precision})
+        bb = load_case(precision)
         for batch in batches:
             if not time_left(f"forward_{precision}_b{batch}"):
                 continue
-            rates = forward_rate(bb, batch, size, seconds, bench.repeats)
-            bench.figures[f"forward_{precision}_b{batch}_images_per_s"] = stat(rates, "images/s", 1)
-            table.append((precision, batch, "eager", median(rates)))
-            bench.log(f"{precision} batch {batch}: {median(rates):.1f} img/s")
+            try:
+                measure(bb, f"forward_{precision}_b{batch}", batch, precision, "eager")
+            except torch.OutOfMemoryError as exc:  # recorded, not fatal: the larger batches may not fit
+                bench.not_measured[f"forward_{precision}_b{batch}"] = f"out of memory: {str(exc)[:120]}"
         del bb
         if cuda:
             torch.cuda.empty_cache()
 
-    def compile_case() -> None:
+    def compile_case(precision: str) -> None:
         if not cuda:
-            bench.not_measured["compile"] = (
+            bench.not_measured[f"compile_{precision}"] = (
                 "GPU only (torch.compile on the CPU needs a C++ toolchain and minutes)"
             )
             return
-        if not time_left("forward_bf16_compile_b64"):
+        if not time_left(f"forward_{precision}_compile"):
             return
         t0 = time.perf_counter()
-        _, bb = load({**base, "precision": "bf16", "compile": True})
+        bb = load_case(precision, compile_=True)
         x8 = torch.randint(0, 255, (64, size, size, 3), dtype=torch.uint8).pin_memory()
         with torch.inference_mode():
             bb.embed(x8).cpu()
-        bench.figures["forward_bf16_compile_first_batch_s"] = round(time.perf_counter() - t0, 1)
-        rates = forward_rate(bb, 64, size, seconds, bench.repeats)
-        bench.figures["forward_bf16_compile_b64_images_per_s"] = stat(rates, "images/s", 1)
-        table.append(("bf16", 64, "compile", median(rates)))
-        bench.log(f"bf16 + compile batch 64: {median(rates):.1f} img/s")
+        bench.figures[f"forward_{precision}_compile_first_batch_s"] = round(time.perf_counter() - t0, 1)
+        for batch in (64, 128):
+            if time_left(f"forward_{precision}_compile_b{batch}"):
+                measure(bb, f"forward_{precision}_compile_b{batch}", batch, precision, "compile")
         del bb
         torch.cuda.empty_cache()
 
@@ -250,10 +272,12 @@ def main() -> int:
     first = "bf16"
     forward_cases(first)
     pipeline_case()
+    forward_cases("bf16w")
+    compile_case("bf16")
+    compile_case("bf16w")
     for precision in precisions:
         if precision != first:
             forward_cases(precision)
-    compile_case()
     decode_case()
     if not cuda:
         bench.notes.append(
@@ -261,9 +285,9 @@ def main() -> int:
         )
     bench.write()
     print(f"\n{bench.settings['device']}, torch {torch.__version__}")
-    print(f"{'precision':>9} {'batch':>5} {'mode':>8} {'img/s':>9}")
-    for precision, batch, mode, rate in table:
-        print(f"{precision:>9} {batch:>5} {mode:>8} {rate:>9.1f}")
+    print(f"{'precision':>9} {'batch':>5} {'mode':>8} {'img/s':>9} {'peak GiB':>9}")
+    for precision, batch, mode, rate, peak in table:
+        print(f"{precision:>9} {batch:>5} {mode:>8} {rate:>9.1f} {peak if peak is not None else '-':>9}")
     if "pipeline_images_per_s" in bench.figures:
         f = bench.figures
         print(

@@ -6,9 +6,11 @@ re-exported here); ``docs/costs.md`` explains the model and shows its tables, ge
 The model, for ``workers`` VMs (1 = the single VM or managed group; N = Google Cloud Batch):
 
 * **GPU VM hours.** Each worker boots and installs (``setup_h``), downloads and indexes its share of the
-  archives, embeds its share of the images at ``images_per_s`` (the GPU is the bottleneck), and loses, per
-  preemption, half a checkpoint interval of work plus the restart time (plus the setup again for a Batch
-  retry, which gets a fresh VM). With ``p`` preemptions per day of VM
+  archives, embeds its share of the images at ``images_per_s`` (the GPU is the bottleneck; by default the L4's
+  rate of :mod:`.gpu_rate`, measured or estimated, and labelled which), and loses, per preemption, at most one
+  embedding chunk interval of work (the engine makes its embeddings durable at least every
+  ``embedding_chunk_interval_s`` on the work disk, which survives) plus the restart time (plus the setup again
+  for a Batch retry, which gets a fresh VM). With ``p`` preemptions per day of VM
   time and ``loss_h`` hours lost each, VM hours ``T`` solve ``T = base + p * T / 24 * loss_h``.
 * **Merge.** KNN, assembly and upload (``tail_h``): on the GPU VM itself for a single VM; on one CPU VM
   (``merge_machine``) for Batch.
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, TypeVar, get_args, get_type_hints
 
+from .gpu_rate import l4_rate
 from .prices import PRICES, PRICES_READ_ON, Price
 
 __all__ = [
@@ -44,6 +47,11 @@ __all__ = [
 
 HOURS_PER_MONTH = 730.0  # Google Cloud prorates GB-month prices over 730 hours
 DAYS_PER_MONTH = HOURS_PER_MONTH / 24.0
+
+# The L4's default rate: benchmarks/results/gpu.json when it holds an L4 run, else the estimate.
+L4_RATE = l4_rate()
+# Machines that cannot attach Standard persistent disks (the API refuses the VM).
+NO_PD_STANDARD = ("g2-", "c3-")
 
 RAW_LIFECYCLE_DAYS = (30, 90, 365)  # Standard until 30 days, Nearline until 90, Coldline until deleted at 365
 
@@ -61,7 +69,9 @@ def _input(default: _T, help: str | None = None, **cli: Any) -> _T:
 @dataclass(frozen=True)
 class Inputs:
     images: float = _input(20e6, "image/metadata pairs to embed (%(default)g)")
-    images_per_s: float = _input(200.0, "embedding throughput of one L4 (%(default)g)")
+    images_per_s: float = _input(
+        L4_RATE.images_per_s, f"embedding throughput of one L4 (%(default)g, {L4_RATE.kind})"
+    )
     spot: bool = _input(
         True,
         "Spot (True) or on-demand VMs",
@@ -73,7 +83,11 @@ class Inputs:
     preemptions_per_day: float = _input(
         1.0, "Spot preemptions per day of VM time (%(default)g)", flag="--preemption-rate-per-day"
     )
-    checkpoint_interval_min: float = _input(30.0, "work lost per preemption is half of this (%(default)g)")
+    # configs/vm.yaml's embedding_chunk_interval_s: the disks survive a preemption, so this is the most work
+    # the engine loses (the push interval matters only when the work disk itself is lost).
+    chunk_interval_s: float = _input(
+        60.0, "embedding chunk interval: the most work a preemption loses, seconds (%(default)g)"
+    )
     # The baked image's recreation: ~1.7 min measured and estimated (benchmarks/bench_bootstrap.py), rounded
     # up; a plain debian-12 image needs ~10 (driver install again on every new boot disk).
     restart_min: float = _input(
@@ -94,7 +108,8 @@ class Inputs:
     worker_work_disk_gb: float = _input(200.0, "work disk of each Batch worker, GB", cli=False)
     boot_disk_gb: float = _input(50.0, "boot disk of every VM, GB (always pd-balanced)", cli=False)
     # --disk-type, the --raw-*-days and --embedding-bytes never showed a default in --help; they still don't.
-    disk_type: str = _input("pd-balanced", choices=("pd-balanced", "pd-standard", "pd-ssd"))
+    # No pd-standard: G2 machines cannot attach it.
+    disk_type: str = _input("pd-balanced", choices=("pd-balanced", "pd-ssd"))
     disk_keep_days: float = _input(2.0, "days the data disks are kept after the run (%(default)g)")
     mirror_raw: bool = _input(
         True,
@@ -120,6 +135,8 @@ class Inputs:
         lost = self.preemptions_per_day * self.loss_per_preemption_h / 24.0
         if self.spot and lost >= 1.0:
             raise ValueError("preemptions_per_day is so high that the run never finishes")
+        if self.disk_type == "pd-standard" and self.machine.startswith(NO_PD_STANDARD):
+            raise ValueError(f"{self.machine}: G2 machines cannot attach pd-standard disks; use pd-balanced")
         a, b, c = self.raw_lifecycle_days
         if not 0 <= a <= b <= c:
             raise ValueError("raw_lifecycle_days must be non-decreasing (nearline, coldline, delete)")
@@ -133,9 +150,10 @@ class Inputs:
 
     @property
     def loss_per_preemption_h(self) -> float:
-        """VM time lost per preemption: half a checkpoint interval of work plus the restart. A Batch retry
-        runs on a fresh VM with fresh disks, so it also repeats the setup (driver, uv sync)."""
-        loss = self.checkpoint_interval_min / 2.0 / 60.0 + self.restart_min / 60.0
+        """VM time lost per preemption: at most one embedding chunk interval of work (the engine's bound
+        when the disks survive) plus the restart. A Batch retry runs on a fresh VM with fresh disks, so it
+        also repeats the setup (driver, uv sync)."""
+        loss = self.chunk_interval_s / 3600.0 + self.restart_min / 60.0
         return loss + (self.setup_h if self.workers > 1 else 0.0)
 
 

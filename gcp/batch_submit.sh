@@ -217,6 +217,10 @@ do_delete() {
 	done
 }
 
+# The jobs hand REPO_URL and REPO_REF to their VMs: the ref must be there before one is submitted.
+case $SUBCOMMAND in
+submit | merge) check_repo_ref ;;
+esac
 case $SUBCOMMAND in
 setup) do_setup ;;
 submit) do_submit ;;

@@ -17,8 +17,15 @@
 #   mig               the managed instance group of size 1 (stateful disks)    [DEPLOY_MODE=mig]
 #     --apply-now       replace the group's VM now when the template changed (default: at next recreation)
 #   vm                a single VM from the template (alternative to mig)        [DEPLOY_MODE=vm]
-#   all               apis buckets service-account disks upload-scripts [image] template, then mig or vm
+#   setup             apis buckets service-account disks upload-scripts [image] template: everything but the VM
+#   all               setup, then mig or vm (the VM starts the run)
 #   status            VM state, the baked image, phase markers from the bucket, preemptions so far
+#   mirror            the manifest's archives into RAW_BUCKET (verified, resumable; run it again after any
+#                     interruption), and a manifest reading them from there next to MANIFEST_URI
+#   weights           the hub weights of PREPROCESS_CONFIG's model into PROCESSED_BUCKET/weights, once
+#   smoke-benchmark   benchmarks/gpu.py on the run's L4 (the job paused meanwhile); its figures into the bucket
+#                     and benchmarks/results/gpu.json, which the cost model reads
+#   fetch [DEST]      the finished artifact, its stats and rejects files, verified (default build/results/RUN_ID)
 #   teardown          delete the group, the VM, a leftover image builder and the templates; data only with
 #                     explicit flags:
 #     --delete-checkpoints       the run's checkpoints (CHECKPOINT_URI/RUN_ID/, all versions)
@@ -62,6 +69,8 @@ source "$SCRIPT_DIR/provision.d/deploy.sh"
 source "$SCRIPT_DIR/provision.d/status.sh"
 # shellcheck source=gcp/provision.d/teardown.sh
 source "$SCRIPT_DIR/provision.d/teardown.sh"
+# shellcheck source=gcp/provision.d/operate.sh
+source "$SCRIPT_DIR/provision.d/operate.sh"
 
 trap 'log "ERROR: failed at line $LINENO: $BASH_COMMAND"' ERR
 
@@ -83,9 +92,9 @@ OPT_FLAG=(
 	[--delete-service-account]=DELETE_SA
 	[--delete-old]=DELETE_OLD
 )
-ARGS_MAX=1 # move-zone ZONE
+ARGS_MAX=1 # move-zone ZONE, fetch DEST
 parse_args "$@"
-[[ $SUBCOMMAND == move-zone || ${#ARGS[@]} -eq 0 ]] || die "'$SUBCOMMAND' takes no argument: ${ARGS[*]} (see --help)"
+[[ $SUBCOMMAND == move-zone || $SUBCOMMAND == fetch || ${#ARGS[@]} -eq 0 ]] || die "'$SUBCOMMAND' takes no argument: ${ARGS[*]} (see --help)"
 
 # --- settings ----------------------------------------------------------------------------------------------
 cfg_setup "$CONFIG_FILE" "${SETS[@]}"
@@ -102,6 +111,10 @@ PZ=(--project="$PROJECT" --zone="$ZONE")
 BUILDER_NAME="${CFG[BAKED_IMAGE_FAMILY]}-builder"
 
 # --- dispatch ----------------------------------------------------------------------------------------------
+# What hands REPO_URL and REPO_REF to a VM checks first that the ref is there (before anything is created).
+case $SUBCOMMAND in
+setup | all | image | template | mig | vm) check_repo_ref ;;
+esac
 case $SUBCOMMAND in
 apis) do_apis ;;
 buckets) do_buckets ;;
@@ -112,7 +125,7 @@ image) do_image ;;
 template) do_template ;;
 mig) do_mig ;;
 vm) do_vm ;;
-all)
+setup | all)
 	do_apis
 	do_buckets
 	do_service_account
@@ -120,9 +133,15 @@ all)
 	do_upload_scripts
 	if [[ ${CFG[USE_BAKED_IMAGE]} == true ]]; then do_image; fi
 	do_template
-	if [[ ${CFG[DEPLOY_MODE]} == mig ]]; then do_mig; else do_vm; fi
+	if [[ $SUBCOMMAND == all ]]; then
+		if [[ ${CFG[DEPLOY_MODE]} == mig ]]; then do_mig; else do_vm; fi
+	fi
 	;;
 status) do_status ;;
+mirror) do_mirror ;;
+weights) do_weights ;;
+smoke-benchmark) do_smoke_benchmark ;;
+fetch) do_fetch ;;
 teardown) do_teardown ;;
 move-zone) do_move_zone ;;
 *) die "unknown subcommand '$SUBCOMMAND' (see --help)" ;;

@@ -41,7 +41,7 @@ def test_vm_hours_without_preemptions_are_the_sum_of_the_phases() -> None:
 
 
 def test_preemptions_stretch_the_run_by_the_work_they_lose() -> None:
-    inp = Inputs(spot=True, preemptions_per_day=2.0, checkpoint_interval_min=30, restart_min=15)
+    inp = Inputs(spot=True, preemptions_per_day=2.0, chunk_interval_s=900, restart_min=15)
     est = estimate(inp)
     loss = 0.25 + 0.25
     assert inp.loss_per_preemption_h == pytest.approx(loss)
@@ -108,7 +108,7 @@ def test_raw_mirror_cost_follows_the_schedule() -> None:
         {"images_per_s": -1},
         {"workers": 0},
         {"preemptions_per_day": -1},
-        {"preemptions_per_day": 100.0},
+        {"preemptions_per_day": 500.0},
         {"raw_lifecycle_days": (90, 30, 365)},
         {"disk_type": "hyperdisk-extreme"},
     ],
@@ -230,3 +230,63 @@ def test_every_input_is_defined_once_and_the_command_line_sets_it() -> None:
         "--raw-delete-days": "raw_lifecycle_days[2]",
     }
     assert switches == {"--spot": True, "--on-demand": False, "--no-raw-mirror": False}
+
+
+def test_a_g2_machine_is_never_offered_pd_standard(capsys: pytest.CaptureFixture[str]) -> None:
+    """G2 machines cannot attach Standard persistent disks: the option does not offer it, and the model
+    refuses it for a G2 machine (issue 19)."""
+    with pytest.raises(SystemExit) as exc:
+        costs.main(["--disk-type", "pd-standard"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'pd-standard'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="G2 machines cannot attach pd-standard"):
+        Inputs(disk_type="pd-standard")
+    with pytest.raises(SystemExit):
+        costs.main(["--help"])
+    assert "pd-standard" not in capsys.readouterr().out
+
+
+def test_a_preemption_loses_one_embedding_chunk_interval_as_the_engine_does() -> None:
+    """The disks survive a preemption (stateful in the group): the engine loses at most one
+    embedding_chunk_interval_s of embedding work, not half a push interval (issue 19)."""
+    import yaml
+
+    vm = yaml.safe_load((REPO / "configs" / "vm.yaml").read_text())["data"]
+    inp = Inputs()
+    assert inp.chunk_interval_s == vm["embedding_chunk_interval_s"]
+    assert inp.loss_per_preemption_h == pytest.approx(inp.chunk_interval_s / 3600 + inp.restart_min / 60)
+    help_text = costs._parser().format_help()
+    assert "half" not in help_text
+    assert "embedding chunk interval" in help_text
+    doc = (REPO / "docs" / "costs.md").read_text()
+    assert "half a checkpoint interval" not in doc
+    assert "one embedding chunk interval" in doc
+
+
+def test_the_default_rate_is_the_estimate_or_a_measurement_and_says_which(tmp_path: Path) -> None:
+    from building_image_triplet_model import gpu_rate
+
+    missing = gpu_rate.l4_rate(tmp_path / "gpu.json")
+    assert (missing.kind, missing.images_per_s) == ("estimated", 135.0)
+    assert 120 <= gpu_rate.ESTIMATED_IMAGES_PER_S <= 150
+    # A --small run on a CPU is no measurement of the L4.
+    small = REPO / "benchmarks" / "results" / "gpu_small_cpu.json"
+    assert gpu_rate.l4_rate(small).kind == "estimated"
+    doc = json.loads(small.read_text())
+    doc["settings"].update(device="NVIDIA L4", small=False)
+    doc["figures"]["pipeline_images_per_s"]["median"] = 143.2
+    measured = tmp_path / "gpu.json"
+    measured.write_text(json.dumps(doc))
+    rate = gpu_rate.l4_rate(measured)
+    assert (rate.kind, rate.images_per_s) == ("measured", 143.2)
+    assert "NVIDIA L4" in rate.label
+    measured.write_text("{not json")
+    assert gpu_rate.l4_rate(measured).kind == "estimated"
+    # The model's default is that rate, and its report says which it is.
+    default = gpu_rate.l4_rate()
+    assert Inputs().images_per_s == default.images_per_s
+    text = cost_report.render_text(estimate(Inputs()))
+    assert f"({default.kind}" in text
+    given = cost_report.render_text(estimate(Inputs(images_per_s=180)))
+    assert "180 img/s (given)" in given
+    assert f"{default.kind}" in (REPO / "docs" / "costs.md").read_text()

@@ -108,7 +108,42 @@ def effective_yaml(
         data["input_dir"] = str(paths.extract_dir if extract else paths.archive_dir)
         data["hdf5_path"] = str(paths.output_dir / name)
         data["manifest"] = str(manifest_copy)
+    weights = doc["data"].get("weights_path")
+    if isinstance(weights, str) and weights.startswith("gs://"):
+        doc["data"]["weights_path"] = str(local_weights(weights, paths, where))
     return f"# written by the bootstrap's config step from {where}\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def local_weights(uri: str, paths: VMPaths, where: str) -> Path:
+    """data.weights_path in the bucket (put there once by ``python -m building_image_triplet_model.weights``):
+    downloaded to the work disk once, CRC32C-checked, so that no worker asks the hub; the engine loads the
+    local file, and the model key (the weights' SHA-256) is the one the hub's file gives."""
+    from .. import cloud_sync
+
+    parts = uri.removeprefix("gs://").split("/")
+    name_ok = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+    if (
+        len(parts) < 3
+        or not all(name_ok.fullmatch(p) for p in parts[-2:])
+        or not parts[-1].endswith(".safetensors")
+    ):
+        raise ConfigStepError(f"{where}: data.weights_path {uri!r} must name a .safetensors object")
+    dest = paths.config_dir / "weights" / parts[-2] / parts[-1]
+    try:
+        info = cloud_sync.stat(uri)
+        if info is None:
+            raise ConfigStepError(f"{where}: data.weights_path {uri} does not exist")
+        if not (
+            dest.is_file()
+            and dest.stat().st_size == info.size
+            and cloud_sync.crc32c_of_file(dest) == info.crc32c
+        ):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            cloud_sync.download_file(uri, dest)  # verified by CRC32C as it arrives; renamed into place
+            log.info("config: weights %s downloaded to %s (%d bytes)", uri, dest, info.size)
+    except cloud_sync.CloudSyncError as exc:
+        raise ConfigStepError(f"{where}: data.weights_path {uri}: {exc}") from None
+    return dest
 
 
 def run(env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -55,7 +55,7 @@ declare -A CFG_TYPE=(
 	[MANIFEST_URI]=gsuri
 	[MANIFEST_SOURCE]=optpath
 	[REPO_URL]=opturl
-	[REPO_REF]=ref
+	[REPO_REF]=optref
 	[PREPROCESS_CONFIG]=path
 	[ON_DONE]=ondone
 	[PUSH_INTERVAL_MIN]=int
@@ -105,7 +105,7 @@ cfg_check_value() { # key value -> 0 when the value matches the key's pattern
 	path) [[ $value =~ ^[A-Za-z0-9_./-]+$ && $value != *..* ]] ;;
 	optpath) [[ -z $value || ($value =~ ^[A-Za-z0-9_./-]+$ && $value != *..*) ]] ;;
 	opturl) [[ -z $value || $value =~ $URL_RE ]] ;;
-	ref) [[ $value =~ ^[A-Za-z0-9_./-]{1,100}$ && $value != *..* ]] ;;
+	optref) [[ -z $value || ($value =~ ^[A-Za-z0-9][A-Za-z0-9_./-]{0,99}$ && $value != *..* && $value != *.lock && $value != */) ]] ;;
 	locations) [[ $value =~ ^(regions|zones)/[a-z0-9-]+(,(regions|zones)/[a-z0-9-]+)*$ ]] ;;
 	*) return 1 ;;
 	esac
@@ -191,7 +191,9 @@ resolve_project() {
 resolve_repo_url() {
 	[[ -z ${CFG[REPO_URL]} ]] || return 0
 	local url=""
-	url=$(git -C "$PROVISION_REPO" remote get-url origin 2>/dev/null) || url=""
+	# The URL as configured: `git remote get-url` would apply this machine's url.*.insteadOf rewrites, which
+	# the VM does not have.
+	url=$(git -C "$PROVISION_REPO" config --get remote.origin.url 2>/dev/null) || url=""
 	local why=""
 	if [[ -z $url ]]; then
 		why="$PROVISION_REPO has no 'origin' remote"
@@ -215,6 +217,55 @@ resolve_repo_url() {
 	note "REPO_URL is empty: using origin, $url"
 }
 
+# Empty REPO_REF: the branch this checkout is on: what is being provisioned is what the VM should run.
+resolve_repo_ref() {
+	[[ -z ${CFG[REPO_REF]} ]] || return 0
+	local branch=""
+	branch=$(git -C "$PROVISION_REPO" symbolic-ref --quiet --short HEAD 2>/dev/null) || branch=""
+	[[ -n $branch ]] || die "REPO_REF is empty and $PROVISION_REPO is not on a branch (detached HEAD, or not a git checkout): set REPO_REF (--set REPO_REF=BRANCH)"
+	cfg_check_value REPO_REF "$branch" || die "REPO_REF is empty and this checkout's branch '$branch' is not a ref the VM accepts: set REPO_REF"
+	CFG[REPO_REF]=$branch
+	note "REPO_REF is empty: using this checkout's branch, $branch"
+}
+
+# The commit REPO_REF names at REPO_URL now, set by check_repo_ref: what the VM clones.
+REPO_COMMIT=""
+
+# Checks, before anything that hands REPO_URL and REPO_REF to a VM is created, that the ref exists at the
+# remote (`git ls-remote`: read-only, also in a dry run), and says which commit the VM will run. The VM
+# fetches the ref when it boots, so a later push moves it; an unpushed branch is refused here, not on the VM.
+check_repo_ref() {
+	[[ -z $REPO_COMMIT ]] || return 0
+	local url=${CFG[REPO_URL]} ref=${CFG[REPO_REF]} rows="" rc=0 sha name
+	if [[ $url == "$DRY_RUN_REPO_URL" ]]; then
+		note "REPO_URL is a placeholder: REPO_REF $ref is not checked (a real run needs a REPO_URL)"
+		return 0
+	fi
+	if ((DRY_RUN)); then printf '# look: %s\n' "$(shell_quote git ls-remote -- "$url" "$ref")"; fi
+	rows=$(GIT_TERMINAL_PROMPT=0 GIT_SSH_COMMAND="${GIT_SSH_COMMAND:-ssh -o BatchMode=yes}" \
+		git ls-remote -- "$url" "refs/heads/$ref" "refs/tags/$ref" "refs/tags/$ref^{}" 2>&1) || rc=$?
+	((rc == 0)) || die "cannot read $url (git ls-remote exit $rc): ${rows//$'\n'/ }"
+	# A branch first, then a tag (an annotated tag's commit is its ^{} row).
+	REPO_COMMIT=""
+	local branch_sha="" tag_sha="" peeled=""
+	while IFS=$'\t' read -r sha name; do
+		case $name in
+		"refs/heads/$ref") branch_sha=$sha ;;
+		"refs/tags/$ref") tag_sha=$sha ;;
+		"refs/tags/$ref^{}") peeled=$sha ;;
+		esac
+	done <<<"$rows"
+	REPO_COMMIT=${branch_sha:-${peeled:-$tag_sha}}
+	[[ -n $REPO_COMMIT ]] ||
+		die "REPO_REF $ref does not exist at $url: push it first (git push origin $ref), or set REPO_REF to a branch or tag that is there"
+	note "the VM will run commit $REPO_COMMIT ($ref at $url)"
+	local here=""
+	here=$(git -C "$PROVISION_REPO" rev-parse --quiet --verify HEAD 2>/dev/null) || here=""
+	if [[ -n $here && $here != "$REPO_COMMIT" && $ref == "$(git -C "$PROVISION_REPO" symbolic-ref --quiet --short HEAD 2>/dev/null)" ]]; then
+		warn "this checkout is at $here, not at $REPO_COMMIT: the VM runs what $url has (push first to run your commits)"
+	fi
+}
+
 # cfg_setup FILE [KEY=VALUE...]: the settings of one invocation: the file, then the --set overrides, then
 # every check, then the empty PROJECT_ID and REPO_URL resolved. A real run also refuses the placeholders
 # that a dry run shows (and that older copies of the file had).
@@ -234,6 +285,7 @@ cfg_setup() {
 	fi
 	resolve_project
 	resolve_repo_url
+	resolve_repo_ref
 	cfg_derive
 }
 

@@ -45,6 +45,17 @@ do_status() {
 		fi
 	done
 
+	# The engine's latest progress line, from the newest event log the VM pushed (every PUSH_INTERVAL_MIN).
+	local logs="" newest="" events="" progress=""
+	if gc_look logs storage ls "$RUN_CKPT_URI/logs/"; then
+		newest=$(grep -E '\.jsonl$' <<<"$logs" | sort | tail -n 1) || newest=""
+	fi
+	if [[ -n $newest ]] && gc_look events storage cat "$newest"; then
+		progress=$(grep -F '"event": "progress"' <<<"$events" | tail -n 1) ||
+			progress=$(grep -F '"event":"progress"' <<<"$events" | tail -n 1) || progress=""
+	fi
+	printf 'latest progress (pushed every %s min): %s\n' "${CFG[PUSH_INTERVAL_MIN]}" "${progress:-none yet}"
+
 	local ops="" count=0 line
 	gc_look ops compute operations list "${P[@]}" --zones="$ZONE" \
 		--filter="operationType=compute.instances.preempted AND targetLink~/instances/${CFG[VM_NAME]}" \

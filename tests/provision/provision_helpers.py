@@ -11,7 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,3 +253,74 @@ def checkout_copy(dest: Path, origin: str | None) -> Path:
     if origin is not None:
         subprocess.run(["git", "-C", str(dest), "remote", "add", "origin", origin], check=True)
     return dest
+
+
+def current_branch(repo: Path = REPO) -> str:
+    """The branch ``repo`` is on (what an empty REPO_REF means), or "" when HEAD is detached."""
+    return subprocess.run(
+        ["git", "-C", str(repo), "symbolic-ref", "--quiet", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def git(repo: Path, *args: str) -> str:
+    """A git command in ``repo`` (with a fixed identity, so that commits work on any machine)."""
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
+
+
+def bare_origin(path: Path) -> str:
+    """A new, empty bare repository at ``path``: a real git remote on disk. Returns its file:// URL."""
+    subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True)
+    return f"file://{path}"
+
+
+def commit_all(repo: Path, branch: str) -> str:
+    """Commits the whole working tree of ``repo`` on ``branch`` (checked out); returns the commit."""
+    git(repo, "checkout", "-q", "-B", branch)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "provisioned tree")
+    return git(repo, "rev-parse", "HEAD")
+
+
+# Tests that name https://example.invalid/... as REPO_URL reach a real bare repository instead: git's own
+# url.<base>.insteadOf, set through GIT_CONFIG_* for the scripts' `git ls-remote`. It holds one commit on the
+# branches the tests' settings name: gcp, the default branch of `git init`, and this checkout's branch.
+EXAMPLE_REMOTE = "https://example.invalid/"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("remotes")
+    main = root / "triplets.git"
+    bare_origin(main)
+    work = root / "work"
+    work.mkdir()
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    sha = commit_all(work, "gcp")
+    branches = {"gcp", "main", "master", current_branch()} - {""}
+    git(work, "push", "-q", f"file://{main}", *(f"{sha}:refs/heads/{b}" for b in sorted(branches)))
+    for alias in ("x.git", "org/building-image-triplet-model.git"):
+        (root / alias).parent.mkdir(parents=True, exist_ok=True)
+        (root / alias).symlink_to(main)
+    # This checkout's own origin too (a developer's clone): the dry runs of the scripts at REPO read the ref
+    # there, and must not depend on the network or on what was pushed.
+    own = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    rewrites = [(f"url.file://{root}/.insteadOf", EXAMPLE_REMOTE)]
+    if own:
+        rewrites.append((f"url.file://{main}.insteadOf", own))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GIT_CONFIG_COUNT", str(len(rewrites)))
+        for i, (key, value) in enumerate(rewrites):
+            mp.setenv(f"GIT_CONFIG_KEY_{i}", key)
+            mp.setenv(f"GIT_CONFIG_VALUE_{i}", value)
+        yield root

@@ -17,6 +17,7 @@ from provision_helpers import (
     PROVISION,
     REPO,
     FakeCloud,
+    current_branch,
     mutations,
     run_script,
     verb_path,
@@ -77,7 +78,7 @@ def test_worker_job_structure(tmp_path: Path) -> None:
         env["TRIPLET_STARTUP_SCRIPT_URI"] == "gs://building-triplets-processed/startup/startup_preprocess.sh"
     )
     assert env["TRIPLET_PUSH_INTERVAL_MIN"] == "30"
-    assert env["TRIPLET_REPO_REF"] == "gcp"
+    assert env["TRIPLET_REPO_REF"] == current_branch()  # an empty REPO_REF: the branch being provisioned
     assert not {"TRIPLET_SCRIPTS_URI", "TRIPLET_CHECKPOINT_INTERVAL_MIN"} & set(env)
     assert env["TRIPLET_PREPROCESS_CONFIG_URI"].endswith("/startup/runs/run-001/preprocess.yaml")
     alloc = job["allocationPolicy"]

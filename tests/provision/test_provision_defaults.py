@@ -68,6 +68,12 @@ def test_the_committed_defaults_provision_and_submit_for_real(tmp_path: Path, fa
     assert json.loads(rendered.read_text()) == config
     assert ["config", "get-value", "project"] in calls
 
+    # Watching from a laptop: everything from the bucket and the API, nothing created.
+    fake_cloud.reset_log()
+    status = run_script(repo / "gcp" / "provision.sh", ["status"], env=env).stdout
+    assert "latest progress (pushed every 30 min): none yet" in status
+    assert mutations(fake_cloud.calls()) == []
+
     # And a second run changes nothing.
     fake_cloud.reset_log()
     run_script(repo / "gcp" / "provision.sh", ["all"], env=env)

@@ -120,7 +120,7 @@ def test_the_guide_covers_the_required_topics() -> None:
         "## 8. Teardown",
         # The defaults that work as they are, the baked image and why, the roles, the one driver path.
         "gcloud config get-value project",
-        "git remote get-url origin",
+        "git config remote.origin.url",
         "configs/vm.yaml",
         "### The baked image",
         "**recreates**",

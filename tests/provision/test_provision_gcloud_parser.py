@@ -85,6 +85,13 @@ PROVISION_MATRIX: list[tuple[list[str], list[str], str]] = [
     ),
     ([], ["teardown", "--delete-images"], "exists:"),
     (SPOT_VM_SELF_STOP, ["teardown", "--delete-service-account"], "exists:"),
+    ([], ["setup"], "missing"),
+    ([], ["mirror"], "missing"),
+    ([], ["weights"], "missing"),
+    ([], ["smoke-benchmark"], "missing"),
+    (SPOT_VM_SELF_STOP, ["smoke-benchmark"], "exists:RUNNING"),
+    ([], ["fetch"], "exists:building-triplets-processed"),
+    ([], ["fetch", "/tmp/results"], "missing"),
     ([], ["move-zone", "us-central1-b"], "missing"),
     ([], ["move-zone", "us-central1-c", "--delete-old"], "missing"),
 ]

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from provision_helpers import PROVISION, FakeCloud, file_sets, mutations, run_script, verb_path
+from provision_helpers import (
+    PROVISION,
+    FakeCloud,
+    current_branch,
+    file_sets,
+    mutations,
+    run_script,
+    verb_path,
+)
 
 BASE = ["--set", "PROJECT_ID=test-project", "--set", "REPO_URL=https://example.invalid/triplets.git"]
 SA = "serviceAccount:triplet-preproc@test-project.iam.gserviceaccount.com"
@@ -99,7 +107,7 @@ def test_first_all_creates_everything_in_order(fake_cloud: FakeCloud, run_files:
     assert image["source_disk"] == BUILDER
     assert image["source_metadata"]["triplet-bake"] == "true"
     assert image["source_metadata"]["triplet-repo-url"] == "https://example.invalid/triplets.git"
-    assert image["source_metadata"]["triplet-repo-ref"] == "gcp"
+    assert image["source_metadata"]["triplet-repo-ref"] == current_branch()
     assert image["source_metadata"]["startup-script-url"].endswith("/startup/startup_preprocess.sh")
     builder = next(c for c in calls if verb_path(c) == "compute instances create")
     assert "--provisioning-model=STANDARD" in builder
