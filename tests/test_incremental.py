@@ -63,8 +63,8 @@ def add_archive(folder: Path, number: int = 3) -> int:
         sample_data.write_archive(
             sample_data.Options(out=folder, targets_per_archive=6, bad=True), number, []
         )["images"]
-        + 2
-    )  # the planted not_jpeg and decode_error images are rows too (invalid ones)
+        + len(sample_data.EMBED_TIME_KINDS)
+    )  # the planted not_jpeg, decode_error and truncated_scan images are rows too (invalid ones)
 
 
 def test_adding_an_archive_embeds_only_its_images(base, tmp_path):

@@ -168,7 +168,7 @@ def test_the_marker(tar_index: tuple) -> None:
         assert m["images"] == len(shard["stem"])
         assert m["image_bytes"] == int(shard["size"].sum())
         assert m["targets"] == len(np.unique(records.target_key(shard["DatasetID"], shard["TargetID"])))
-        assert m["targets"] == 10 + 2  # ten good targets, two of the planted embed-time rejects
+        assert m["targets"] == 10 + 3  # ten good targets, three of the planted embed-time rejects
         assert sum(m["rejects"].values()) == len(shard["rej_path"])
         assert m["seconds"] >= 0
         assert lay.index_marker(src.name, src.signature()) == m
