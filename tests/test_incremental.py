@@ -59,11 +59,10 @@ def run(tmp: Path, archives: Path, **settings: object) -> dict:
 
 def add_archive(folder: Path, number: int = 3) -> int:
     """One more archive in the upstream layout; returns its good images."""
-    return (
-        sample_data.write_archive(
-            sample_data.Options(out=folder, targets_per_archive=6, bad=True), number, []
-        )["images"]
-        + len(sample_data.EMBED_TIME_KINDS)
+    return sample_data.write_archive(
+        sample_data.Options(out=folder, targets_per_archive=6, bad=True), number, []
+    )["images"] + len(
+        sample_data.EMBED_TIME_KINDS
     )  # the planted not_jpeg, decode_error and truncated_scan images are rows too (invalid ones)
 
 
