@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..exit_codes import Exit
 from ..progress import setup_logging, utc_now
 from . import checkpoint, settings
 from .paths import VMPaths
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 run()
             except (ConfigStepError, settings.SettingError) as exc:
                 log.error("config: %s", exc)
-                return 1
+                return Exit.CONFIG
             return 0
         if cmd == "status":
             return status(paths)
