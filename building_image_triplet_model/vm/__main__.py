@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return gpu_check.run(s, paths)
         if cmd == "restore":
-            checkpoint.restore(s, paths)
+            try:
+                checkpoint.restore(s, paths)
+            except checkpoint.cloud_sync.CloudSyncError as exc:
+                # A bucket object the restore refuses (a name that would leave its folder) or cannot fetch:
+                # the checkpoint is input this disk cannot take as it is.
+                log.error("restore: %s", exc)
+                return Exit.INPUT
             return 0
         if cmd == "checkpoint":
             return 0 if checkpoint.push(s, paths, full=True) else 1
