@@ -17,6 +17,7 @@ from engine_helpers import REPO, load, manifest_of, tiny_config, write_config
 from building_image_triplet_model.exit_codes import Exit
 
 LIMIT_BYTES = 2 << 30  # 2 GiB of address space: the config readers need ~200 MB; the attacks grew past it
+TORCH_LIMIT_BYTES = 8 << 30  # a run that imports torch maps ~5.2 GB of address space
 SECONDS = 60  # a refusal takes a second or two; this much time means the reader is expanding something
 
 
@@ -24,11 +25,15 @@ def _bounded() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
 
 
+def _bounded_for_torch() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (TORCH_LIMIT_BYTES, TORCH_LIMIT_BYTES))
+
+
 def bounded_run(
     module: str, *args: str, env: dict[str, str] | None = None, bounded: bool = True
 ) -> subprocess.CompletedProcess:
-    """A real subprocess of the command; ``bounded``: under LIMIT_BYTES of address space (a run that loads
-    torch needs more)."""
+    """A real subprocess of the command, under LIMIT_BYTES of address space; ``bounded=False``: a run that
+    loads torch, under TORCH_LIMIT_BYTES."""
     full_env = {k: v for k, v in os.environ.items() if "TASK_" not in k}
     return subprocess.run(
         [sys.executable, "-m", f"building_image_triplet_model.{module}", *args],
@@ -37,7 +42,7 @@ def bounded_run(
         capture_output=True,
         text=True,
         timeout=SECONDS if bounded else 600,
-        preexec_fn=_bounded if bounded else None,
+        preexec_fn=_bounded if bounded else _bounded_for_torch,
         start_new_session=True,
     )
 
@@ -143,6 +148,18 @@ def test_an_artifact_path_that_is_a_folder_is_refused_at_start(tmp_path: Path, a
     assert f"data.hdf5_path: {output} is a folder" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in output.parent.iterdir()) == ["dataset.h5"]  # nothing was indexed
     assert not any(output.iterdir())
+
+
+def test_a_batch_the_machine_cannot_hold_is_refused_before_anything_is_written(
+    tmp_path: Path, archives
+) -> None:
+    """Within the static bound, but not within this machine's memory once the model's input size is known:
+    refused by the preflight (it used to run the index, the plan and KNN, then fail in the first batch)."""
+    cfg = tiny_config(tmp_path, archives[0], image_size=518, batch_size=65_536)
+    r = bounded_run("dataset_processor", "--config", str(cfg), bounded=False)
+    assert r.returncode == Exit.CONFIG, r.stderr[-3000:]
+    assert "data.batch_size: 65536 images of 518 px need about" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_task_numbers_in_the_environment_of_a_plain_run_make_no_worker(tmp_path: Path, archives) -> None:
