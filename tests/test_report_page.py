@@ -110,13 +110,13 @@ def test_one_map_panel_per_dataset_with_a_circle_per_target_coloured_by_split(
     for d, svg in zip(datasets.tolist(), maps, strict=True):
         sel = t["key"] // 1_000_000_000 == d
         circles = svg.all("circle")
-        assert len(circles) == int(sel.sum()) == 12
+        assert len(circles) == int(sel.sum()) == 13
         want = Counter(report_page.SPLIT_COLOURS[report_page.SPLITS[s]] for s in t["split"][sel].tolist())
         assert Counter(c["fill"] for c in circles) == want
         for c in circles:  # inside the panel
             assert 0 <= float(c["cx"]) <= 220 and 0 <= float(c["cy"]) <= 220
     assert [c.split(":")[0] for c in page.captions] == ["dataset 3", "dataset 4", "dataset 9"]
-    assert all(": 12 targets," in c for c in page.captions)
+    assert all(": 13 targets," in c for c in page.captions)
 
 
 def test_the_knn_histogram_has_a_line_per_split(complete_page: tuple[str, Page, dict]) -> None:
@@ -143,9 +143,9 @@ def test_a_bar_per_reject_reason_with_who_found_it(complete_page: tuple[str, Pag
     assert labels == want
     assert values == [str(by[who][r]) for who in ("index", "decoder") for r in sorted(by[who])]
     rects = svg.all("rect")
-    assert len(rects) == len(want) == 13
+    assert len(rects) == len(want) == 14
     colours = [r["fill"] for r in rects]
-    assert colours[:11] == ["#8c564b"] * 11 and colours[11:] == ["#9467bd"] * 2
+    assert colours[:11] == ["#8c564b"] * 11 and colours[11:] == ["#9467bd"] * 3
     widths = {label: float(r["width"]) for label, r in zip(labels, rects, strict=True)}
     assert widths["duplicate_stem (index)"] == max(widths.values())  # 12 is the largest count
 
@@ -193,7 +193,7 @@ def test_before_the_artifact_maps_come_from_the_plan_and_there_is_no_histogram(
     assert "KNN distances (great-circle metres, log scale)" not in page.sections
     assert all(len(s.all("polyline")) == 0 for s in page.svgs)
     maps = page.svgs_in("Targets by split")
-    assert len(maps) == 3 and sum(len(m.all("circle")) for m in maps) == 36
+    assert len(maps) == 3 and sum(len(m.all("circle")) for m in maps) == 39
     assert "not complete; next run:" in text
 
 
