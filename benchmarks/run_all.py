@@ -25,7 +25,18 @@ sys.path.insert(0, str(HERE))
 
 from common import QUICK_RESULTS, RESULTS, load_average, machine  # noqa: E402
 
-BENCHES = ["index", "knn", "datapath", "pipeline", "resume", "incremental", "overlap", "bootstrap", "gpu"]
+BENCHES = [
+    "index",
+    "knn",
+    "datapath",
+    "truncated",
+    "pipeline",
+    "resume",
+    "incremental",
+    "overlap",
+    "bootstrap",
+    "gpu",
+]
 SCRIPTS = {name: f"bench_{name}.py" for name in BENCHES} | {"gpu": "gpu.py"}
 
 

@@ -15,6 +15,12 @@ The original project keeps one YAML for the trainer and the processor, so the fi
 
 Every key has a type, a default and a check; a wrong type or an impossible value is a ConfigError naming
 the key. The processor never writes to the config file.
+
+One reader for every command that reads the file (the processor, the status command, the VM's config step):
+at most MAX_CONFIG_BYTES of UTF-8 text, parsed by yaml's safe loader, with the document's size counted as
+its aliases expand (MAX_YAML_NODES): a few hundred bytes of nested aliases (a "billion laughs") would
+otherwise become billions of nodes wherever the value is walked or printed. A message shows a value cut
+short (short()), never the whole of it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -31,6 +38,19 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
+
+MAX_CONFIG_BYTES = 256 * 1024  # a real config is a few kB
+MAX_YAML_NODES = 10_000  # nodes of the document with every alias expanded; a real config has ~100
+
+_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def short(value: Any) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    return _SHORT.repr(value)
+
 
 # data: keys that the trainer (GeoTripletDataModule) reads and this processor does not.
 TRAINER_KEYS = frozenset({"num_difficulty_levels", "ucb_alpha", "cache_size"})
@@ -160,6 +180,21 @@ _INT_MIN = {
     "cpu_threads": 0,
     "tar_record_bytes": 512,
 }
+# Beyond these a value is no setting for any machine (batch_size: 100000000 would fail only after KNN).
+# What the machine's memory allows is checked once the image size is known (preflight.check_memory).
+_INT_MAX = {
+    "batch_size": 65_536,
+    "num_workers": 4096,
+    "prefetch_factor": 1024,
+    "index_workers": 4096,
+    "cpu_threads": 4096,
+    "knn_k": 100_000,
+    "knn_chunk_rows": 100_000_000,
+    "image_size": 8192,
+    "tar_record_bytes": 64 * 1024 * 1024,
+}
+# A week; half the equator.
+_FLOAT_MAX = {"embedding_chunk_interval_s": 7 * 86400.0, "split_cell_m": 20_037_508.0}
 _PATH_KEYS = ("input_dir", "hdf5_path", "work_dir", "manifest", "weights_path")
 _NOT_FROM_FILE = frozenset({"warnings", "trainer"})
 
@@ -173,7 +208,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     args = get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"data.{key}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"data.{key}: {short(value)} is not one of {', '.join(map(str, args))}")
         return value
     if args and type(None) in args:  # Optional[X]
         if value is None:
@@ -182,19 +217,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return _check_type(key, value, inner)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"data.{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"data.{key}: expected true or false, got {short(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"data.{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"data.{key}: expected an integer, got {short(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"data.{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"data.{key}: expected a finite number, got {short(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"data.{key}: expected a non-empty string, got {value!r}")
+            raise ConfigError(f"data.{key}: expected a non-empty string, got {short(value)}")
         return value
     raise AssertionError(f"unhandled type {hint} for {key}")
 
@@ -226,18 +261,19 @@ def _translate_legacy(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         target, meaning = LEGACY_KEYS[key]
         if target is None:
-            notes.append(f"data.{key}: {value!r} {meaning}")
+            notes.append(f"data.{key}: {short(value)} {meaning}")
             continue
         if key == "accelerator":
             mapped = _ACCELERATOR_TO_DEVICE.get(str(value).lower())
             if mapped is None:
                 raise ConfigError(
-                    f"data.accelerator: {value!r} is not one of {', '.join(_ACCELERATOR_TO_DEVICE)}"
+                    f"data.accelerator: {short(value)} is not one of {', '.join(_ACCELERATOR_TO_DEVICE)}"
                 )
             value = mapped
         if target in data and data[target] != value:
             raise ConfigError(
-                f"data.{key}: {data[key]!r} contradicts data.{target}: {data[target]!r}; keep one of them"
+                f"data.{key}: {short(data[key])} contradicts data.{target}: {short(data[target])}; "
+                "keep one of them"
             )
         notes.append(f"data.{key}: {meaning}")
         out.setdefault(target, value)
@@ -251,7 +287,7 @@ def from_mapping(data: Any, base_dir: Path | None = None) -> DataConfig:
         raise ConfigError("data: expected a mapping of keys to values")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ConfigError(f"data: keys must be names, got {bad[0]!r}")
+        raise ConfigError(f"data: keys must be names, got {short(bad[0])}")
     data, notes = _translate_legacy(data)
     hints = get_type_hints(DataConfig)
     for key in sorted(set(data) - known_keys()):
@@ -274,6 +310,10 @@ def _check_values(cfg: DataConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"data.{key}: must be >= {low}, got {value}")
+    for key, high in (_INT_MAX | _FLOAT_MAX).items():
+        value = getattr(cfg, key)
+        if value is not None and value > high:
+            raise ConfigError(f"data.{key}: must be <= {high:g}, got {short(value)}")
     for key in ("n_samples", "n_images", "image_size"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
@@ -322,17 +362,77 @@ def trainer_model(section: Any) -> TrainerModel | None:
     )
 
 
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A config file's text: UTF-8, at most MAX_CONFIG_BYTES (ConfigError naming the file otherwise)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
+
+
+def _expanded_nodes(root: yaml.Node, where: str) -> int:
+    """The document's node count with every alias expanded; ConfigError past MAX_YAML_NODES or on an alias
+    that contains itself. Each node is counted once (memoised), so this takes time linear in the file."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if children_done:
+            open_.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{where}: its aliases expand to more than {MAX_YAML_NODES} values: refused "
+                    "(a config needs a few hundred)"
+                )
+            continue
+        if id(node) in open_:
+            raise ConfigError(f"{where}: an alias that contains itself: refused")
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document, by yaml's safe loader, bounded in size and in what its aliases expand to."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ConfigError(f"{where}: not valid YAML: {said[:300] or type(exc).__name__}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply: not a config file") from None
+    finally:
+        loader.dispose()
+
+
 def load(path: str | os.PathLike[str]) -> DataConfig:
     """Read and validate a YAML config file (read only: the file is never written)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    doc = parse_yaml(read_text(path), str(path))
     if not isinstance(doc, dict) or "data" not in doc:
         raise ConfigError(f"{path}: no `data:` section")
     try:

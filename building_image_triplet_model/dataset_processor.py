@@ -58,6 +58,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def worker_task(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(index, count) of a scale-out worker, or None for a plain run. A worker publishes to its run folder,
+    so a run is one only where --run-uri is given: TASK_INDEX/BATCH_TASK_INDEX left in the environment of
+    a plain run (a shell, a Batch VM running something else) never make it one. ValueError names bad
+    numbers."""
+    if args.task_index is not None or args.task_count is not None:
+        if args.task_index is None or args.task_count is None:
+            raise ValueError("--task-index and --task-count go together")
+        task: tuple[int, int] | None = (args.task_index, args.task_count)
+        source = "--task-index/--task-count"
+    elif args.merge or not args.run_uri:
+        return None
+    else:
+        task, source = task_from_env(), "TASK_INDEX/TASK_COUNT"
+        if task is None:
+            return None
+    assert task is not None
+    if not args.run_uri:
+        raise ValueError(f"{source}: a scale-out worker needs its run folder (--run-uri)")
+    if args.merge:
+        raise ValueError(f"{source}: --merge is no worker")
+    index, count = task
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"{source}: task {index} of {count} is not in [0, {count})")
+    return task
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -65,14 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return Exit.CONFIG
-    task = None
-    if args.task_index is not None or args.task_count is not None:
-        if args.task_index is None or args.task_count is None:
-            print("--task-index and --task-count go together", file=sys.stderr)
-            return Exit.CONFIG
-        task = (args.task_index, args.task_count)
-    elif not args.merge:
-        task = task_from_env()
+    try:
+        task = worker_task(args)
+    except ValueError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return Exit.CONFIG
     if (args.follow or task is not None) and not cfg.manifest:
         print(
             "configuration error: data.manifest: --follow and scale-out workers need the run's manifest",

@@ -7,6 +7,15 @@ are returned as a reason code, never raised: the image is marked invalid in this
 Every image's bytes are checked against the checksum the index recorded: an archive that changed after it
 was indexed (even with its size and mtime restored) gives CHANGED instead of pixels, and the run stops
 with an error naming it, so metadata and embeddings can never come from different bytes.
+
+A JPEG whose scan data ends early but that still ends with its end-of-image marker decodes in Pillow
+without an error: libjpeg warns ("premature end of data segment"), gives every missing block zero
+coefficients (flat grey, 128 in every channel) and Pillow drops the warning. Such an image is the reject
+``truncated_scan``. The signal is libjpeg's own warning, read through simplejpeg (the same libjpeg-turbo,
+which raises it in strict mode); decoding twice would double the cost, so it is asked only where the
+result can be one: a baseline image whose last pixel (the last block decoded, grey whenever the scan
+ended before it) is exactly grey, or a progressive image (where a cut leaves a blurred, not a grey, tail).
+benchmarks/bench_truncated.py measures the check's cost per image.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from io import BytesIO
 from typing import Any
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from .records import REASON_CODE
@@ -26,6 +36,30 @@ from .tar_reader import checksum
 CHANGED = -1  # a code, beside the reject codes: the bytes are not the ones the index saw
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# libjpeg-turbo's warnings for a scan that ends before its last block (JWRN_HIT_MARKER, JWRN_JPEG_EOF).
+_SCAN_ENDED_EARLY = ("premature end of data segment", "premature end of jpeg file")
+
+
+class TruncatedScan(ValueError):
+    """The JPEG decodes, but its scan data ended early: part of the picture is libjpeg's grey fill."""
+
+
+def _grey_tail(img: Image.Image) -> bool:
+    """Whether the last decoded pixel is libjpeg's fill for a missing block (exact grey 128)."""
+    w, h = img.size
+    px = img.getpixel((w - 1, h - 1))
+    return px == 128 or (isinstance(px, tuple) and all(v == 128 for v in px))
+
+
+def scan_ended_early(data: bytes) -> bool:
+    """libjpeg's own verdict: did the scan data end before every block was decoded?"""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, fastupsample=True, strict=True)
+    except ValueError as exc:
+        return any(m in str(exc).lower() for m in _SCAN_ENDED_EARLY)
+    return False
+
+
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -56,14 +90,20 @@ class Transform:
             fast_decode=identity.fast_decode,
         )
 
-    def apply(self, data: bytes) -> np.ndarray:
-        """Decode and transform; raises on a bad image."""
+    def open(self, data: bytes) -> Image.Image:
+        """The decoded picture, before the resize; raises on a bad image."""
         img = Image.open(BytesIO(data))
         if self.fast_decode:
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result is still >= scale_size: the
             # DCT-domain downscale is far cheaper than decoding every pixel and resizing them.
             img.draft("RGB", (self.scale_size, self.scale_size))
-        img = img.convert("RGB")
+        return img.convert("RGB")
+
+    def apply(self, data: bytes) -> np.ndarray:
+        """Decode and transform; raises on a bad image (TruncatedScan where the scan ended early)."""
+        img = self.open(data)
+        if (img.info.get("progressive") or _grey_tail(img)) and scan_ended_early(data):
+            raise TruncatedScan("the scan data ends early")
         w, h = img.size
         if (w, h) != (self.scale_size, self.scale_size):
             # The short side to scale_size, the long side computed and truncated as torchvision's Resize
@@ -86,6 +126,8 @@ def decode(data: bytes, transform: Transform) -> tuple[np.ndarray | None, int]:
         return None, REASON_CODE["not_jpeg"]
     try:
         return transform.apply(data), REASON_CODE["ok"]
+    except TruncatedScan:
+        return None, REASON_CODE["truncated_scan"]
     except Exception:  # PIL raises many types for corrupt data; every one means "does not decode"
         return None, REASON_CODE["decode_error"]
 

@@ -24,7 +24,7 @@ import numpy as np
 from . import faults, machine
 from .decode import CHANGED, ImageReader, Transform, decode
 from .emb_store import EmbeddingStore
-from .errors import InputError
+from .errors import InputError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class ChunkWriter(threading.Thread):
                         self._flush(w)
         except BaseException as exc:
             self.error = exc
-            log.exception("chunk writer failed")
+            if disk_full(exc) is None:  # a full disk is reported by the run, in one line
+                log.exception("chunk writer failed")
             while self.q.get() is not None:  # keep draining so that the producer never blocks
                 pass
 

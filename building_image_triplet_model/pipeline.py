@@ -11,19 +11,21 @@ each does only what is missing, so the result is the same artifact a clean run g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from . import artifact, durable, preflight, steps
+from . import artifact, durable, machine, preflight, steps
 from .config import DataConfig
 from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
-from .errors import BackboneError, InputError, Interrupted, RunError
+from .errors import BackboneError, InputError, Interrupted, RunError, disk_full
 from .exit_codes import MEANINGS, Exit
 from .progress import FILE_ONLY, Progress, setup_logging, utc_now
 from .sources import list_sources
@@ -161,6 +163,22 @@ def _run(ctx: RunContext, follow_timeout_s: float) -> int:
     raise RunError(f"{MAX_CORRUPT_FILES} corrupt files in {ctx.layout.work}: is the disk failing?")
 
 
+def disk_full_message(cfg: DataConfig, layout: Layout, exc: BaseException, dim: int) -> str:
+    """One line: the folder whose disk is full, what is free there, and what the run still writes."""
+    name = getattr(exc, "filename", None)
+    folder = Path(name).parent if isinstance(name, str) and name else layout.output.parent
+    free = preflight.free_bytes(folder)
+    need = ""
+    if dim:
+        with contextlib.suppress(Exception):  # an estimate for the message; never a second failure
+            gb = max(0, preflight.bytes_still_needed(cfg, layout, dim)) / 1e9
+            need = f"; this run still writes about {gb:.3f} GB"
+    return (
+        f"{folder}: the disk is full ({free / 1e9:.3f} GB free{need}): free space, or point data.hdf5_path / "
+        "data.work_dir elsewhere, and run again (nothing done is lost)"
+    )
+
+
 def execute(
     cfg: DataConfig,
     *,
@@ -177,14 +195,20 @@ def execute(
     """Run the processor; returns the exit code. Nothing is written until the preflight has passed."""
     stop = stop or threading.Event()
     layout = Layout(cfg)
+    resolved = None
     setup_logging()
     for note in cfg.warnings:
         log.warning("%s", note)
     try:
+        preflight.check_output_file(layout.output)
         preflight.check_output_location(layout.output.parent, layout.work)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
         resolved = None if mode == "merge" else preflight.resolve(cfg)
+        if resolved is not None:
+            device_type = "cuda" if resolved.device.startswith("cuda") else "cpu"
+            workers = machine.decode_workers(cfg, device_type)
+            preflight.check_memory(cfg, int(resolved.identity.input_size[-1]), workers)
         if resolved is not None and not follow:
             preflight.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +259,10 @@ def execute(
         log.error("%s: %s", MEANINGS[exc.code].short, exc)
         return exc.code
     except Exception as exc:
+        full = disk_full(exc)
+        if full is not None:
+            log.error("%s", disk_full_message(cfg, layout, full, resolved.output_size if resolved else 0))
+            return Exit.CONFIG
         if stop.is_set():
             log.warning(
                 "interrupted while %s: %s; progress is saved: run the same command again (exit %d)",

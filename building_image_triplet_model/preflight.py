@@ -77,6 +77,31 @@ def check_output_location(*paths: Path) -> None:
             ) from None
 
 
+def check_output_file(output: Path) -> None:
+    """The artifact's path names a file to be written, not a folder that is there."""
+    if output.is_dir():
+        raise ConfigError(f"data.hdf5_path: {output} is a folder; name the artifact's file")
+
+
+def memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: DataConfig, size: int, workers: int) -> None:
+    """The decode buffers a batch size needs fit in half the machine's memory: each worker holds
+    prefetch_factor batches of uint8 pixels, and the model's batch is float32 (4 bytes per value)."""
+    batch = cfg.batch_size * 3 * size * size
+    need = batch * (cfg.prefetch_factor * max(1, workers) + 1 + 4)
+    have = memory_bytes()
+    if need > have // 2:
+        raise ConfigError(
+            f"data.batch_size: {cfg.batch_size} images of {size} px need about {need / 2**30:.1f} GiB of "
+            f"decode buffers ({cfg.prefetch_factor} batches ahead in each of {max(1, workers)} workers, "
+            f"and the model's batch); this machine has {have / 2**30:.1f} GiB: lower batch_size, "
+            "prefetch_factor or num_workers"
+        )
+
+
 def free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
@@ -107,13 +132,17 @@ def _bytes_under(*paths: Path) -> int:
     return total
 
 
-def check_disk_space_for(
+def bytes_still_needed(
     cfg: DataConfig, layout: Any, dim: int, archive_sizes: list[int] | None = None, expected: int = 0
-) -> None:
-    """Free space where the run writes against an estimate of what it writes, less what is already there.
-    The image count comes from the archives' sizes (the index does not exist yet): those in input_dir, or
-    ``archive_sizes``; where ``expected`` archives are due and fewer are here (follow mode: a download is
-    running), their average stands for the rest."""
+) -> int:
+    """An estimate of what the run writes (from the archives' sizes), less what is already there."""
+    return _still_needed(cfg, layout, dim, archive_sizes, expected)[0]
+
+
+def _still_needed(
+    cfg: DataConfig, layout: Any, dim: int, archive_sizes: list[int] | None, expected: int
+) -> tuple[int, int, int]:
+    """(bytes still to write, images, archive bytes) of bytes_still_needed."""
     from .sources import list_sources
 
     if archive_sizes is None:
@@ -123,7 +152,17 @@ def check_disk_space_for(
         archive_bytes = archive_bytes * expected // len(archive_sizes)
     images = archive_bytes // ARCHIVE_BYTES_PER_IMAGE
     need = estimate_bytes(images, dim, dtype_bytes(cfg.embedding_dtype))
-    need -= _bytes_under(layout.work, layout.output)
+    return need - _bytes_under(layout.work, layout.output), images, archive_bytes
+
+
+def check_disk_space_for(
+    cfg: DataConfig, layout: Any, dim: int, archive_sizes: list[int] | None = None, expected: int = 0
+) -> None:
+    """Free space where the run writes against an estimate of what it writes, less what is already there.
+    The image count comes from the archives' sizes (the index does not exist yet): those in input_dir, or
+    ``archive_sizes``; where ``expected`` archives are due and fewer are here (follow mode: a download is
+    running), their average stands for the rest."""
+    need, images, archive_bytes = _still_needed(cfg, layout, dim, archive_sizes, expected)
     free = min(free_bytes(layout.output.parent), free_bytes(layout.work))
     if need > free:
         raise ConfigError(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
+from .errors import disk_full
 
 log = logging.getLogger("building_image_triplet_model")
 
@@ -67,6 +68,22 @@ class JsonEventHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        _quiet_when_full(self, record)
+
+
+class _FileHandler(logging.FileHandler):
+    """The log file; on a full disk a line is dropped without logging's traceback on the console (the run
+    reports the full disk itself, in one line)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        _quiet_when_full(self, record)
+
+
+def _quiet_when_full(handler: logging.Handler, record: logging.LogRecord) -> None:
+    if disk_full(sys.exc_info()[1]) is None:
+        logging.Handler.handleError(handler, record)
+
 
 # A record logged with this extra goes to the log file and the events, not the console: the warnings the
 # console showed before the output folder could be created (nothing is written before the preflight).
@@ -88,7 +105,7 @@ def setup_logging(
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     root.addHandler(console)
     if log_file is not None:
-        fh = logging.FileHandler(log_file)
+        fh = _FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
     if events_file is not None:
@@ -186,7 +203,8 @@ class Progress:
             self._last_log[step] = now
             event = {"ts": utc_now(), "severity": "INFO", "event": "progress", "phase": step}
             event.update({k: st.get(k) for k in ("status", "done", "total", "unit", "rate", "eta_s")})
-            with open(self.events, "a") as fh:
+            # A full disk: the run reports it; progress is a view, never a second failure.
+            with contextlib.suppress(OSError), open(self.events, "a") as fh:
                 fh.write(json.dumps(event) + "\n")
             if not force and not self.bars_enabled:
                 log.info("%s", line(step, st))
@@ -196,7 +214,13 @@ class Progress:
 
     def save(self) -> None:
         self.state["run"]["updated"] = utc_now()
-        durable.write_json(self.path, self.state)
+        try:
+            durable.write_json(self.path, self.state)
+        except OSError as exc:
+            # On a full disk the run stops and says so once; the progress file is a view of the durable
+            # files, rewritten by the next run, so it must not fail that report a second time.
+            if disk_full(exc) is None:
+                raise
 
 
 def line(step: str, st: dict[str, Any]) -> str:

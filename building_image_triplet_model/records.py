@@ -66,7 +66,10 @@ REJECT_REASONS: Final = (
     "decode_error",  # the JPEG does not decode (found while embedding)
     "conflicting_d_lines",  # a .txt with two different d lines
     "unreadable_image",  # an image file of an extracted folder that cannot be read
+    "truncated_scan",  # the JPEG's scan data ends early, before its end marker (found while embedding)
 )
+# The reasons the decoder finds (the embedding step); every other reason is the index's.
+DECODER_REASONS: Final = ("not_jpeg", "decode_error", "truncated_scan")
 REASON_CODE: Final = {name: code for code, name in enumerate(REJECT_REASONS)}
 
 
@@ -103,7 +106,7 @@ def parse_d_line(raw: bytes) -> tuple[int, int, int, int, tuple[float, ...]]:
     repeat its d line; two different d lines are a reject of their own.
     """
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is no part of the text
     except UnicodeDecodeError as exc:
         raise RejectError("unreadable_txt", str(exc)) from None
     d_lines = {tuple(t) for line in text.splitlines() if (t := line.split()) and t[0] == "d"}

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .records import DECODER_REASONS
+
 # The unaligned release's dataset ids (dataset.md), used in order.
 UPSTREAM_IDS = [
     3, 4, 9, 12, 14, 17, 20, 22, 24, 26, 28, 30, 32, 33, 35, 36, 58, 59, 60, 61, 62, 63, 64, 65, 67, 68,
@@ -47,6 +49,7 @@ BAD_KINDS = (
     "empty_image",
     "not_jpeg",
     "decode_error",
+    "truncated_scan",
     "no_d_line",
     "too_few_fields",
     "non_numeric_field",
@@ -56,8 +59,8 @@ BAD_KINDS = (
     "conflicting_d_lines",
     "duplicate_stem",
 )
-# Bad kinds the index sees; the others (not_jpeg, decode_error) surface while embedding.
-EMBED_TIME_KINDS = ("not_jpeg", "decode_error")
+# Bad kinds the index sees; the decoder's (not_jpeg, decode_error, truncated_scan) surface while embedding.
+EMBED_TIME_KINDS = DECODER_REASONS
 
 EARTH_M_PER_DEG = 111_320.0
 
@@ -183,6 +186,9 @@ def _bad_items(rng: np.random.Generator, dataset_id: int, good_jpeg: bytes, opts
         ("empty_image", stem("empty_image"), b"", line(TargetID=900_003), ""),
         ("not_jpeg", stem("not_jpeg"), png.getvalue(), line(TargetID=900_004), ""),
         ("decode_error", stem("decode_error"), good_jpeg[: len(good_jpeg) // 3], line(TargetID=900_005), ""),
+        # Scan data cut at half, the end-of-image marker kept: decodes without an error, its rest grey.
+        ("truncated_scan", stem("truncated_scan"), good_jpeg[: len(good_jpeg) // 2] + b"\xff\xd9",
+         line(TargetID=900_009), ""),
         ("no_d_line", stem("no_d_line"), good_jpeg, b"a 1 2 3\n", ""),
         ("too_few_fields", stem("too_few_fields"), good_jpeg, b"d 1 2 3 4 5\n", ""),
         ("non_numeric_field", stem("non_numeric_field"), good_jpeg, line(target_lat="north"), ""),

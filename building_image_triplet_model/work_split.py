@@ -29,8 +29,13 @@ def task_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
     """(index, count) from TASK_INDEX/TASK_COUNT, else Cloud Batch's BATCH_TASK_INDEX/BATCH_TASK_COUNT."""
     env = dict(os.environ) if env is None else env
     for prefix in ("", "BATCH_"):
-        if f"{prefix}TASK_INDEX" in env and f"{prefix}TASK_COUNT" in env:
-            return int(env[f"{prefix}TASK_INDEX"]), int(env[f"{prefix}TASK_COUNT"])
+        names = (f"{prefix}TASK_INDEX", f"{prefix}TASK_COUNT")
+        if all(n in env for n in names):
+            values = [env[n].strip() for n in names]
+            if not all(v.isascii() and v.isdigit() and len(v) < 10 for v in values):
+                shown = " ".join(f"{n}={env[n][:20]!r}" for n in names)
+                raise ValueError(f"{shown}: task numbers must be integers")
+            return int(values[0]), int(values[1])
     return None
 
 
@@ -53,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.task_index is None) != (args.task_count is None):
         ap.error("give --task-index and --task-count together (or neither, for TASK_INDEX/TASK_COUNT)")
-    task = (args.task_index, args.task_count) if args.task_index is not None else task_from_env()
+    try:
+        task = (args.task_index, args.task_count) if args.task_index is not None else task_from_env()
+    except ValueError as exc:
+        ap.error(str(exc))
     if task is None:
         ap.error("give --task-index and --task-count (or set TASK_INDEX/TASK_COUNT)")
     try:

@@ -138,6 +138,33 @@ def test_not_a_jpeg_and_broken_jpegs_give_reject_codes() -> None:
     assert CHANGED not in REASON_CODE.values()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("cut", [0.2, 0.5, 0.9])
+def test_a_scan_cut_short_with_its_end_marker_is_truncated_scan(fast, progressive, cut) -> None:
+    """Pillow decodes these without an error (the rest is libjpeg's grey); they are a reject of their own."""
+    buf = io.BytesIO()
+    Image.fromarray(picture(640, 640, 4)).save(buf, format="JPEG", quality=90, progressive=progressive)
+    good = buf.getvalue()
+    data = good[: int(len(good) * cut)] + b"\xff\xd9"
+    Image.open(io.BytesIO(data)).convert("RGB")  # what the decoder saw before: no error at all
+    t = Transform(518, 518, "bicubic", fast)
+    assert decode(good, t)[1] == REASON_CODE["ok"]
+    pixels, code = decode(data, t)
+    assert pixels is None and code == REASON_CODE["truncated_scan"]
+
+
+def test_a_whole_image_that_ends_in_grey_is_no_reject() -> None:
+    """Grey where libjpeg would fill is not proof: libjpeg itself is asked, and says the scan is whole."""
+    arr = picture(640, 640, 6)
+    arr[-64:, :, :] = 128
+    for flat in (arr, np.full((64, 64, 3), 128, np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(flat).save(buf, format="JPEG", quality=95)
+        pixels, code = decode(buf.getvalue(), Transform(32, 36, "bicubic", False))
+        assert code == REASON_CODE["ok"] and pixels is not None
+
+
 # ------------------------------------------------------------------------------------------ the reader
 @pytest.fixture
 def tar_of_images(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:

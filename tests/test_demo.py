@@ -75,7 +75,8 @@ def test_the_demo_output_is_short_enough_to_read(demo):
     assert not any(line.startswith(("Downloading", "Installed", "Get:", "Setting up")) for line in lines)
     # The report reconciles without arithmetic: who found each reject is said.
     text = "\n".join(lines)
-    assert "found by the index:" in text and "found by the decoder: decode_error=3, not_jpeg=3" in text
+    assert "found by the index:" in text
+    assert "found by the decoder: decode_error=3, not_jpeg=3, truncated_scan=3" in text
 
 
 def test_a_second_demo_says_it_is_complete_in_a_few_lines_and_pushes_nothing(demo):

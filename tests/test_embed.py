@@ -233,8 +233,8 @@ def ref(reference: config.DataConfig) -> Ref:
 
 def test_embeddings_do_not_depend_on_the_batch_companions(ref: Ref, tiny: Any, tmp_path: Path) -> None:
     assert ref.cfg.batch_size == 8 and ref.cfg.embedding_chunk_interval_s == 0
-    bad = [ref.row_of("0003", "0003_bad_not_jpeg"), ref.row_of("0003", "0003_bad_decode_error")]
-    rows_3 = np.union1d(np.arange(0, 18, 2), bad)  # 11 rows: a batch of 8 splits them
+    bad = [ref.row_of("0003", f"0003_bad_{k}") for k in ("not_jpeg", "decode_error", "truncated_scan")]
+    rows_3 = np.union1d(np.arange(0, 16, 2), bad)  # 11 rows: a batch of 8 splits them
     rows_9 = np.arange(1, 25, 2)  # 12 rows
     results = []
     for order, folder in ((("0009", "0003"), "one"), (("0003", "0009"), "two")):
@@ -267,7 +267,11 @@ def test_embeddings_do_not_depend_on_the_batch_companions(ref: Ref, tiny: Any, t
                 assert c == c_ref, (name, r)
                 assert e.tobytes() == e_ref.tobytes(), (name, r)  # bit for bit, on the CPU
     codes_3 = {r: results[0]["0003"][r][1] for r in bad}
-    assert codes_3 == {bad[0]: REASON_CODE["not_jpeg"], bad[1]: REASON_CODE["decode_error"]}
+    assert codes_3 == {
+        bad[0]: REASON_CODE["not_jpeg"],
+        bad[1]: REASON_CODE["decode_error"],
+        bad[2]: REASON_CODE["truncated_scan"],
+    }
     assert not results[0]["0003"][bad[0]][0].any()  # a rejected image has a zero embedding
     assert results[0]["0003"][0][0].any()
 
@@ -286,7 +290,7 @@ def test_a_whole_archive_is_committed_with_the_reference_counts(ref: Ref, tiny: 
     assert {k: mine[k] for k in ("rows", "valid", "failed", "dim")} == {
         k: ref_store[k] for k in ("rows", "valid", "failed", "dim")
     }
-    assert mine["failed"] == 2
+    assert mine["failed"] == 3  # the planted not_jpeg, decode_error and truncated_scan
 
 
 def test_a_changed_image_stops_with_an_input_error_naming_the_archive(

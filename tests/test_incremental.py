@@ -59,12 +59,11 @@ def run(tmp: Path, archives: Path, **settings: object) -> dict:
 
 def add_archive(folder: Path, number: int = 3) -> int:
     """One more archive in the upstream layout; returns its good images."""
-    return (
-        sample_data.write_archive(
-            sample_data.Options(out=folder, targets_per_archive=6, bad=True), number, []
-        )["images"]
-        + 2
-    )  # the planted not_jpeg and decode_error images are rows too (invalid ones)
+    return sample_data.write_archive(
+        sample_data.Options(out=folder, targets_per_archive=6, bad=True), number, []
+    )["images"] + len(
+        sample_data.EMBED_TIME_KINDS
+    )  # the planted not_jpeg, decode_error and truncated_scan images are rows too (invalid ones)
 
 
 def test_adding_an_archive_embeds_only_its_images(base, tmp_path):

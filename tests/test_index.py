@@ -168,7 +168,7 @@ def test_the_marker(tar_index: tuple) -> None:
         assert m["images"] == len(shard["stem"])
         assert m["image_bytes"] == int(shard["size"].sum())
         assert m["targets"] == len(np.unique(records.target_key(shard["DatasetID"], shard["TargetID"])))
-        assert m["targets"] == 10 + 2  # ten good targets, two of the planted embed-time rejects
+        assert m["targets"] == 10 + 3  # ten good targets, three of the planted embed-time rejects
         assert sum(m["rejects"].values()) == len(shard["rej_path"])
         assert m["seconds"] >= 0
         assert lay.index_marker(src.name, src.signature()) == m
@@ -333,3 +333,24 @@ def test_a_damaged_cache_is_rebuilt(archives: tuple[Path, dict], tmp_path: Path)
     assert index.read_cache_header(lay) is None
     index.merge_cache(lay, names, markers)
     np.testing.assert_array_equal(index.load_cache(lay)["checksum"], good)
+
+
+def test_a_txt_with_a_byte_order_mark_indexes_as_one_without(tmp_path: Path) -> None:
+    """A .txt saved by an editor that writes a UTF-8 byte-order mark holds the same d line."""
+    images = {f"0003_{i:03d}": small_jpeg(i) for i in range(2)}
+    write_tar(tmp_path / "plain" / "0003.tar", "0003/", images, heading=90.0)
+    members = {}
+    with tarfile.open(tmp_path / "plain" / "0003.tar") as tf:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read()  # type: ignore[union-attr]
+            members[m.name] = b"\xef\xbb\xbf" + data if m.name.endswith(".txt") else data
+    tar_of(tmp_path / "bom" / "0003.tar", members)
+    plain, bom = (
+        index.build_source_index(
+            sources.Source("0003", "tar", tmp_path / f / "0003.tar"), DEFAULT_RECORD_BYTES
+        )[0]
+        for f in ("plain", "bom")
+    )
+    assert len(bom["rej_path"]) == 0 and len(bom["stem"]) == 2
+    for key in records.D_FIELDS:
+        np.testing.assert_array_equal(bom[key], plain[key], err_msg=key)

@@ -56,8 +56,9 @@ def test_trainer_contract(reference):
             )
         # valid_indices exclude the planted bad images; their embeddings are zero, the others are real.
         stems = [s.decode() for s in f["images/stem"][:]]
-        bad = {i for i, s in enumerate(stems) if "_bad_not_jpeg" in s or "_bad_decode_error" in s}
-        assert len(bad) == 6 and bad.isdisjoint(valid.tolist()) and len(valid) == n - 6
+        kinds = ("_bad_not_jpeg", "_bad_decode_error", "_bad_truncated_scan")
+        bad = {i for i, s in enumerate(stems) if any(k in s for k in kinds)}
+        assert len(bad) == 9 and bad.isdisjoint(valid.tolist()) and len(valid) == n - 9
         for i in sorted(bad):
             assert not emb[i].any()
         for i in valid[:20]:
@@ -89,7 +90,7 @@ def test_rejects_report_lists_every_planted_item(reference, archives):
     s = stats(layout)
     assert s["rejects"]["duplicate_stem"] == 12 and s["rejects"]["decode_error"] == 3
     # Who found what: the index the metadata problems, the decoder the images that do not decode.
-    assert s["rejects_found_by"]["decoder"] == {"decode_error": 3, "not_jpeg": 3}
+    assert s["rejects_found_by"]["decoder"] == {"decode_error": 3, "not_jpeg": 3, "truncated_scan": 3}
     assert (
         "decode_error" not in s["rejects_found_by"]["index"]
         and s["rejects_found_by"]["index"]["orphan_jpg"] == 3

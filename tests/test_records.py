@@ -56,6 +56,10 @@ def test_valid_line_parses_into_4_ints_and_13_floats():
     assert records.D_FIELDS[:4] == ("DatasetID", "TargetID", "PatchID", "StreetViewID")
 
 
+def test_a_byte_order_mark_is_no_part_of_the_d_line():
+    assert parse_d_line(b"\xef\xbb\xbf" + GOOD) == parse_d_line(GOOD)
+
+
 def test_d_line_among_other_lines_and_whitespace():
     raw = b"# header\nx junk here\r\n" + GOOD.replace(b" ", b" \t ") + b"a 1 2 3\n"
     assert parse_d_line(raw)[:4] == (88, 1234, 5, 6789)
@@ -245,6 +249,7 @@ PINNED_REASONS = (
     "decode_error",
     "conflicting_d_lines",
     "unreadable_image",
+    "truncated_scan",
 )
 
 

@@ -111,7 +111,7 @@ def test_one_map_panel_per_dataset_with_a_circle_per_target_coloured_by_split(
     for d, svg in zip(datasets.tolist(), maps, strict=True):
         sel = t["key"] // 1_000_000_000 == d
         circles = svg.all("circle")
-        assert len(circles) == int(sel.sum()) == 12
+        assert len(circles) == int(sel.sum()) == 13
         want = Counter(report_page.SPLIT_COLOURS[report_page.SPLITS[s]] for s in t["split"][sel].tolist())
         assert Counter(c["fill"] for c in circles) == want
         [frame] = [r for r in svg.all("rect") if r.get("stroke")]
@@ -123,7 +123,7 @@ def test_one_map_panel_per_dataset_with_a_circle_per_target_coloured_by_split(
         assert sum(t.replace(".", "").lstrip("-").isdigit() for t in svg.texts) >= 4  # tick labels
         assert any(t.endswith((" m", " km")) for t in svg.texts)  # the scale bar
     assert [c.split(":")[0] for c in page.captions] == ["dataset 3", "dataset 4", "dataset 9"]
-    assert all(c.endswith(": 12 targets") for c in page.captions)
+    assert all(c.endswith(": 13 targets") for c in page.captions)
 
 
 def test_far_off_targets_do_not_shrink_the_map_they_are_counted() -> None:
@@ -173,9 +173,9 @@ def test_a_bar_per_reject_reason_with_who_found_it(complete_page: tuple[str, Pag
     assert labels == want
     assert values == [str(by[who][r]) for who in ("index", "decoder") for r in sorted(by[who])]
     rects = svg.all("rect")
-    assert len(rects) == len(want) == 13
+    assert len(rects) == len(want) == 14
     colours = [r["fill"] for r in rects]
-    assert colours[:11] == ["#8c564b"] * 11 and colours[11:] == ["#9467bd"] * 2
+    assert colours[:11] == ["#8c564b"] * 11 and colours[11:] == ["#9467bd"] * 3
     widths = {label: float(r["width"]) for label, r in zip(labels, rects, strict=True)}
     assert widths["duplicate_stem (index)"] == max(widths.values())  # 12 is the largest count
 
@@ -216,9 +216,9 @@ def test_the_header_and_the_totals(complete_page: tuple[str, Page, dict], refere
     for i, split in enumerate(report_page.SPLITS):
         assert report["splits"][split]["targets"] == int((t["split"] == i).sum())
     total = sum(v["images"] for v in report["splits"].values())
-    assert f"<td>total</td><td>36</td><td>{total}</td><td>{sum(report['rejects'].values())}</td>" in text
+    assert f"<td>total</td><td>39</td><td>{total}</td><td>{sum(report['rejects'].values())}</td>" in text
     for name, a in report["archives"].items():
-        assert f"<td>{name}</td><td>{a['indexed']}</td><td>12</td><td>{a['rejected']}</td>" in text
+        assert f"<td>{name}</td><td>{a['indexed']}</td><td>13</td><td>{a['rejected']}</td>" in text
     assert "Progress" not in page.sections  # complete: nothing in progress
 
 
@@ -239,10 +239,10 @@ def test_before_the_artifact_maps_and_knn_come_from_the_work_folder(
     [hist] = page.svgs_in("KNN distances")
     assert len(hist.all("polyline")) == 3
     maps = page.svgs_in("Targets by split")
-    assert len(maps) == 3 and sum(len(m.all("circle")) for m in maps) == 36
+    assert len(maps) == 3 and sum(len(m.all("circle")) for m in maps) == 39
     assert "<dd>not complete</dd>" in text
     assert page.sections[:2] == ["Progress", "Totals"]
-    assert "<td>knn</td><td>done</td><td>36 / 36 targets</td>" in text
+    assert "<td>knn</td><td>done</td><td>39 / 39 targets</td>" in text
 
 
 def test_without_a_plan_there_is_no_map(reference: config.DataConfig, tmp_path: Path) -> None:
@@ -328,6 +328,6 @@ def test_the_page_in_a_browser_complete_and_partial(reference: config.DataConfig
         assert all(s in shown.sections for s in want), shown.sections
         assert ("Progress" in shown.sections) is not complete
         total = sum(v["images"] for v in report["splits"].values())
-        assert f"<td>total</td><td>36</td><td>{total}</td>" in dom
+        assert f"<td>total</td><td>39</td><td>{total}</td>" in dom
         assert "<dt>config</dt><dd>cfg.yaml</dd>" in dom
         assert len(shown.svgs_in("Targets by split")) == 3

@@ -123,7 +123,7 @@ def test_subset_selection_is_refused_in_scale_out(archives, tmp_path):
         manifest=str(manifest),
         n_samples=5,
     )
-    out = processor(cfg, "--task-index", "0", "--task-count", "3")
+    out = processor(cfg, "--run-uri", str(tmp_path / "run"), "--task-index", "0", "--task-count", "3")
     assert out.returncode == 2 and "leave both unset for a scale-out run" in out.stderr
 
 

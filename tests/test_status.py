@@ -108,7 +108,7 @@ def test_a_complete_output_exits_0_read_only_with_every_archive_reusable(
     by_decoder = ", ".join(f"{k}={v}" for k, v in sorted(expected.items()) if k not in INDEX_KINDS)
     assert f"  found by the index: {by_index}" in lines
     assert f"  found by the decoder: {by_decoder}" in lines
-    assert by_decoder == "decode_error=3, not_jpeg=3"
+    assert by_decoder == "decode_error=3, not_jpeg=3, truncated_scan=3"
 
     rc, report = status_json(cfg)
     assert rc == 0 and report["complete"] is True
@@ -119,7 +119,7 @@ def test_a_complete_output_exits_0_read_only_with_every_archive_reusable(
     assert report["rejects"] == expected
     assert set(report["rejects_found_by"]) == {"index", "decoder"}
     assert set(report["rejects_found_by"]["index"]) == INDEX_KINDS
-    assert report["steps"]["embed"]["images_done"] == archives[1]["images"] + 2 * 3
+    assert report["steps"]["embed"]["images_done"] == archives[1]["images"] + 3 * 3
     assert snapshot(tmp_path) == before
 
 
@@ -162,9 +162,9 @@ def test_another_model_embeds_every_image(reference: config.DataConfig, tmp_path
     rc, report = status_json(cfg)
     assert rc == 10
     emb = report["steps"]["embed"]
-    assert emb["model_key"] == "new" and emb["images_done"] == 0 and emb["images_to_embed"] == 145
+    assert emb["model_key"] == "new" and emb["images_done"] == 0 and emb["images_to_embed"] == 148
     assert {a["state"] for a in report["archives"].values()} == {"pending"}
-    assert report["next_run"].startswith("embed 145 image(s); ")
+    assert report["next_run"].startswith("embed 148 image(s); ")
     assert report["steps"]["plan"]["status"] == "done" and report["steps"]["assemble"]["status"] == "pending"
 
 
@@ -187,7 +187,7 @@ def test_an_added_archive_is_named_as_not_indexed(reference: config.DataConfig, 
         "status": "in progress",
         "archives_done": 3,
         "archives_total": 4,
-        "images_indexed": 145,
+        "images_indexed": 148,
         **{k: v for k, v in report["steps"]["index"].items() if k.startswith(("last_", "rate"))},
     }
     assert report["steps"]["embed"]["archives_not_indexed"] == 1

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..exit_codes import Exit
 from ..progress import setup_logging, utc_now
 from . import checkpoint, settings
 from .paths import VMPaths
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 run()
             except (ConfigStepError, settings.SettingError) as exc:
                 log.error("config: %s", exc)
-                return 1
+                return Exit.CONFIG
             return 0
         if cmd == "status":
             return status(paths)
@@ -118,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return gpu_check.run(s, paths)
         if cmd == "restore":
-            checkpoint.restore(s, paths)
+            try:
+                checkpoint.restore(s, paths)
+            except checkpoint.cloud_sync.CloudSyncError as exc:
+                # A bucket object the restore refuses (a name that would leave its folder) or cannot fetch:
+                # the checkpoint is input this disk cannot take as it is.
+                log.error("restore: %s", exc)
+                return Exit.INPUT
             return 0
         if cmd == "checkpoint":
             return 0 if checkpoint.push(s, paths, full=True) else 1

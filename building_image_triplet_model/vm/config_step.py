@@ -9,7 +9,8 @@ The YAML is the first of: TRIPLET_PREPROCESS_CONFIG_FILE (a file), the metadata 
 triplet-preprocess-config (YAML text), triplet-preprocess-config-uri, triplet-preprocess-config-path (in the
 repository). The bootstrap owns three of its keys (unless TRIPLET_OVERRIDE_PATHS=0): data.input_dir (the
 raw disk's archives, or the extracted folder), data.hdf5_path (on the work disk, the YAML's file name) and
-data.manifest (the copy above). It is parsed with yaml.safe_load and checked by the engine's own loader.
+data.manifest (the copy above). It is read and parsed by the engine's own reader (config.read_text and
+config.parse_yaml: UTF-8, bounded in size and in what its aliases expand to) and checked by its loader.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .paths import VMPaths
 
 log = logging.getLogger(__name__)
 
-MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_BYTES = engine_config.MAX_CONFIG_BYTES
 
 
 class ConfigStepError(RuntimeError):
@@ -72,13 +73,13 @@ def _preprocess_yaml(
     """(YAML text, where it came from)."""
     if env.get("TRIPLET_PREPROCESS_CONFIG_FILE"):
         src = env["TRIPLET_PREPROCESS_CONFIG_FILE"]
-        return Path(src).read_text(), src
+        return _read(src), src
     if s["preprocess-config"]:
         return s["preprocess-config"], "metadata triplet-preprocess-config"
     if s["preprocess-config-uri"]:
         tmp = paths.config_dir / "raw" / "preprocess-config.yaml"
         _fetch(s["preprocess-config-uri"], tmp, paths.repo_dir)
-        return tmp.read_text(), s["preprocess-config-uri"]
+        return _read(tmp), s["preprocess-config-uri"]
     src = (
         paths.repo_dir / s["preprocess-config-path"]
         if not s["preprocess-config-path"].startswith("/")
@@ -86,7 +87,14 @@ def _preprocess_yaml(
     )
     if not src.is_file():
         raise ConfigStepError(f"preprocess config {src} not found")
-    return src.read_text(), str(src)
+    return _read(src), str(src)
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return engine_config.read_text(path)
+    except engine_config.ConfigError as exc:
+        raise ConfigStepError(str(exc)) from None
 
 
 def effective_yaml(
@@ -95,9 +103,9 @@ def effective_yaml(
     if len(text.encode()) > MAX_YAML_BYTES:
         raise ConfigStepError(f"{where}: larger than {MAX_YAML_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigStepError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        doc = engine_config.parse_yaml(text, where)
+    except engine_config.ConfigError as exc:
+        raise ConfigStepError(str(exc)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
         raise ConfigStepError(f"{where}: must be a mapping with a 'data:' section")
     if override:
