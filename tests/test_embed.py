@@ -194,7 +194,7 @@ class Ref:
         self.names: list[str] = stats["sources"]
         self.model_key = stats["model_key"]
         self.markers = {n: self.layout.index_marker(n, None) for n in self.names}
-        self.shards = {n: index.load_shard(self.layout, n) for n in self.names}
+        self.shards = {n: index.load_shard(self.layout, n, self.markers[n]) for n in self.names}
         self.reader = ImageReader([str(Path(cfg.input_dir) / f"{n}.tar") for n in self.names], [True] * 3)
 
     def images(self, name: str) -> int:
