@@ -14,7 +14,7 @@ keys and the counts of its chunks.
 Nothing is trusted by its folder's name: :meth:`EmbeddingStore.audit` checks every chunk's keys, that the
 chunks never overlap, and that the marker's keys and counts are what the chunks hold. Chunks written before
 they carried their keys are returned to the caller, which proves them by embedding a probe row of each
-again (steps.py) or refuses them.
+again (proof.py) or refuses them.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from . import durable, workdir
 
 _ARRAYS = ("rows", "emb", "codes")
 MADE_FOR = "made_for"
-# How far a probe row embedded again may be from the stored one (relative L2 error) and still prove the
-# chunk: CPU fp32 gives the same numbers bit for bit; a GPU at reduced precision, close ones. Another model,
-# weights or input size is far beyond either.
-PROOF_TOLERANCE = {"exact": 1e-4, "reduced": 5e-2}
 
 
 class UnkeyedChunkError(durable.CorruptFileError):

@@ -8,12 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import durable, emb_store, embed, faults, geo_knn, identity, index, machine, plan, preflight, workdir
+from . import durable, embed, faults, geo_knn, identity, index, machine, plan, preflight, proof, workdir
 from .context import RunContext
 from .decode import ImageReader
 from .emb_store import EmbeddingStore
@@ -198,82 +197,10 @@ def audited_store(ctx: RunContext, s: int, name: str) -> EmbeddingStore:
     if name not in ctx.audited:
         unkeyed = store.audit()
         if unkeyed:
-            prove_unkeyed(ctx, s, store, unkeyed)
+            proof.prove_unkeyed(ctx, s, store, unkeyed, image_reader(ctx))
             store.audit()  # the proven chunks now carry their keys; the marker is written again with them
         ctx.audited.add(name)
     return store
-
-
-def prove_unkeyed(ctx: RunContext, s: int, store: EmbeddingStore, unkeyed: list[Path]) -> None:
-    """Chunks written before chunks carried their keys: their folder's name says which model made them,
-    and a name is not proof. One row of each (a decoded one where there is one) is embedded again with
-    this run's model; a chunk whose row comes out the same is kept and written again with its keys, any
-    other is moved aside and its rows embedded again. Costs one image per chunk and one rewrite of the
-    store, instead of the store's whole GPU time. A merge has no archives and no model: it refuses them."""
-    name = store.made_for[0]
-    if ctx.mode == "merge" or name not in ctx.sources or ctx.resolved is None:
-        raise InputError(
-            f"{unkeyed[0]}: written by an earlier release without the keys it was made for ({len(unkeyed)} "
-            f"such chunks in {store.folder}), and the archive is not here to prove them: run the worker of "
-            f"archive {name} again (it proves and keeps them, or embeds them again), then merge"
-        )
-    probes: dict[Path, tuple[int, np.ndarray, int]] = {}
-    for path in unkeyed:
-        chunk = store.read(path, keyed=False)
-        decoded = np.flatnonzero(chunk["codes"] == 0)
-        i = int(decoded[0]) if len(decoded) else 0
-        probes[path] = (int(chunk["rows"][i]), chunk["emb"][i], int(chunk["codes"][i]))
-    rows = np.array(sorted({row for row, _, _ in probes.values()}), np.int64)
-    shard = index.load_shard(ctx.layout, name, ctx.markers[name], lazy=True)
-    sink = ProbeSink(store.folder, store.n_rows, store.made_for)
-    work = embed.Work(
-        s, name, sink, rows, {k: shard[k][rows] for k in ("path", "offset", "size", "checksum")}
-    )
-    log.info(
-        "%s: proving %d chunks of an earlier release by embedding one row of each again", store, len(rows)
-    )
-    if not embed.embed_all([work], ctx.backbone(), image_reader(ctx), ctx.cfg, ctx.stop):
-        raise Interrupted
-    ident = ctx.resolved.identity
-    exact = ident.device_type == "cpu" and ident.precision == "fp32"
-    tolerance = emb_store.PROOF_TOLERANCE["exact" if exact else "reduced"]
-    for path, (row, stored, code) in probes.items():
-        fresh, fresh_code = sink.got[row]
-        if fresh_code == code and (code != 0 or relative_error(fresh, stored) <= tolerance):
-            store.adopt(path)
-            continue
-        ctx.layout.quarantine(
-            path,
-            f"row {row} embedded again by this run's model differs from the stored one "
-            f"(relative error {relative_error(fresh, stored):.3g}, decode codes {fresh_code}/{code}): "
-            "made by another model",
-        )
-
-
-def relative_error(fresh: np.ndarray, stored: np.ndarray) -> float:
-    a, b = fresh.astype(np.float64), stored.astype(np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
-
-
-class ProbeSink(EmbeddingStore):
-    """Where the probe rows' embeddings go: kept in memory, never written."""
-
-    def __init__(self, folder: Path, n_rows: int, made_for: tuple[str, str, str]) -> None:
-        super().__init__(folder, n_rows, made_for)
-        self.got: dict[int, tuple[np.ndarray, int]] = {}
-
-    def write(self, rows: np.ndarray, emb: np.ndarray, codes: np.ndarray) -> Path:
-        for row, e, c in zip(rows.tolist(), emb, codes.tolist(), strict=True):
-            self.got[int(row)] = (e.astype(np.dtype(emb.dtype)), int(c))
-        return self.folder
-
-    def done_rows(self) -> np.ndarray:
-        return np.array(sorted(self.got), np.int64)
-
-    def commit_if_full(self, done: np.ndarray) -> None:
-        return None
 
 
 def needed_rows(ctx: RunContext, s: int, all_rows: bool) -> np.ndarray:

@@ -304,3 +304,27 @@ def test_the_merge_refuses_an_earlier_releases_store_it_cannot_prove(shards, tmp
     assert "written by an earlier release" in out.stderr and "0004" in out.stderr
     assert not layout.output.exists()
     assert durable.read_json(run_uri / "run_settings.json")  # the run folder is left as it was
+
+
+def test_a_workers_rerun_proves_an_earlier_releases_store_then_the_merge_completes(
+    shards, reference, archives, tmp_path
+):
+    """What the merge's refusal says to do: the worker of the archive proves the store (one probe row per
+    chunk, nothing embedded again), publishes it with its keys, and the merge then equals a single run."""
+    run_uri, manifest = shards
+    folder = run_store(run_uri, "0004")
+    for path in chunks(folder):
+        strip_keys(path)
+    out, _ = merge(tmp_path, run_uri, manifest)
+    assert out.returncode == Exit.INPUT and "run the worker of archive 0004 again" in out.stderr
+    cfg, layout = load(
+        tiny_config(
+            tmp_path / "vm1b", worker_input(tmp_path, archives[0], manifest, 1, 3), manifest=str(manifest)
+        )
+    )
+    assert scale_out.worker(cfg, str(run_uri), (1, 3), fresh=False, follow=False) == Exit.OK
+    assert "proving" in layout.log.read_text() and not quarantined(layout)
+    assert all("made_for" in np.load(p).files for p in chunks(folder))  # published again, keyed
+    out, merged = merge(tmp_path, run_uri, manifest)
+    assert out.returncode == Exit.OK, out.stderr[-3000:]
+    assert_same_arrays(Layout(reference).output, merged.output)
