@@ -8,6 +8,7 @@ marker whose counts disagree, an index shard of another archive, KNN chunks of o
 and chunks of an earlier release (no keys inside). A local run moves the file aside and computes it again
 (the artifact equals a clean run's); a merge, which has no archives, stops with exit 3 naming the file.
 Never exit 0 with rows of another model or range, never a traceback, never the same failure on a rerun.
+Slow: about 2 minutes on a 2-core machine (16 tests, 4 of them start a merge process twice).
 """
 
 from __future__ import annotations
