@@ -62,13 +62,14 @@ class RunContext:
     plan_key: str = ""
     knn_key: str = ""
     knn_ks: dict[str, int] = field(default_factory=dict)  # k per split
+    audited: set[str] = field(default_factory=set)  # archives whose store was checked this run (steps.py)
     _backbone: Backbone | None = field(default=None, repr=False)
     _loader: threading.Thread | None = field(default=None, repr=False)
     _load_error: BaseException | None = field(default=None, repr=False)
 
     def reset(self) -> None:
         """Forget what the steps found (after a corrupt file was moved aside: they look again)."""
-        self.markers, self.cache, self.plan = {}, None, None
+        self.markers, self.cache, self.plan, self.audited = {}, None, None, set()
         self.counts = Counts()
 
     # ---- the model: loaded once, in the background while cheap steps run

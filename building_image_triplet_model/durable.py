@@ -151,14 +151,18 @@ def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) ->
 _NPZ_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError)
 
 
-def read_npz(path: str | os.PathLike[str], keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Every array of an npz file (or only ``keys``). Never unpickles: files may come back from a bucket.
-    A file that is missing an asked-for array or fails its CRC is a CorruptFileError."""
+def read_npz(
+    path: str | os.PathLike[str], keys: tuple[str, ...] | None = None, optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """Every array of an npz file (or only ``keys``, and those of ``optional`` that it has). Never
+    unpickles: files may come back from a bucket. A file that is missing an asked-for array or fails its
+    CRC is a CorruptFileError."""
     import numpy as np
 
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in (keys if keys is not None else data.files)}
+            wanted = [*(keys if keys is not None else data.files), *(k for k in optional if k in data.files)]
+            return {key: data[key] for key in wanted}
     except FileNotFoundError:
         raise
     except _NPZ_ERRORS as exc:

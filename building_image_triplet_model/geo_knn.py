@@ -75,6 +75,57 @@ def query(
     return out_idx, out_m
 
 
+MADE_FOR = "made_for"  # in a chunk: [KNN key, split]; and "rows": [start, stop)
+
+
+def made_for(folder: Path) -> tuple[str, str]:
+    """The KNN key and split a folder's chunks must be made for: the run names the folder by them
+    (workdir.Layout.knn_split), and every chunk and marker in it must say the same."""
+    return folder.parent.name, folder.name
+
+
+def check_chunk(folder: Path, a: int, b: int, n: int) -> None:
+    """A chunk file is for this folder's key and split and holds rows [a, b) of n: CorruptFileError if not
+    (a chunk of an earlier release, without keys, included: KNN is minutes, so it is computed again)."""
+    path = folder / workdir.range_name(a, b)
+    chunk = durable.read_npz(path, (), optional=(MADE_FOR, "rows"))
+    if MADE_FOR not in chunk or "rows" not in chunk:
+        raise durable.CorruptFileError(path, "carries no keys (written by an earlier release)")
+    found = tuple(v.decode(errors="replace") for v in chunk[MADE_FOR].tolist())
+    rows = tuple(int(v) for v in chunk["rows"].tolist())
+    if found != made_for(folder) or rows != (a, b) or not 0 <= a < b <= n:
+        raise durable.CorruptFileError(
+            path,
+            f"made for KNN key, split {found} and rows {rows}, not {made_for(folder)} and rows ({a}, {b}) "
+            f"of {n}",
+        )
+
+
+def check_marker(folder: Path, n: int, k: int) -> dict | None:
+    """The split's marker when it is for this key, split, row count and k, and names as many chunks as the
+    folder holds; CorruptFileError when it does not."""
+    marker = workdir.committed(folder)
+    if marker is None:
+        return None
+    key, split = made_for(folder)
+    claims = {x: marker.get(x) for x in ("key", "split", "rows", "k", "chunks")}
+    expected = {"key": key, "split": split, "rows": n, "k": k, "chunks": len(workdir.ranges_done(folder))}
+    if claims != expected:
+        raise durable.CorruptFileError(folder / workdir.SUCCESS, f"claims {claims}, expected {expected}")
+    return marker
+
+
+def missing_ranges(done: list[tuple[int, int]], n: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """The chunks still to compute: every gap between the done ones, cut to at most chunk_rows rows."""
+    out, at = [], 0
+    for a, b in [*done, (n, n)]:
+        while at < a:
+            out.append((at, min(at + chunk_rows, a)))
+            at = out[-1][1]
+        at = max(at, b)
+    return out
+
+
 def run_split(
     folder: Path,
     lat: np.ndarray,
@@ -84,17 +135,37 @@ def run_split(
     threads: int,
     chunk_rows: int,
     on_rows: Callable[[int], None] | None = None,
+    on_bad: Callable[[Path, str], object] | None = None,
 ) -> bool:
-    """Compute every missing chunk of one split; True when the split is complete."""
+    """Compute every missing chunk of one split; True when the split is complete.
+
+    A chunk made for another key, split or rows, one that overlaps another, and a marker that disagrees
+    with the chunks are handed to ``on_bad`` (the run moves them aside) and computed again."""
     from scipy.spatial import cKDTree
 
     n = len(lat)
-    if workdir.committed(folder):
-        return True
-    have = {a for a, _ in workdir.ranges_done(folder)}
-    todo = [(a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows) if a not in have]
+    done: list[tuple[int, int]] = []
+    for a, b in workdir.ranges_done(folder):
+        try:
+            if done and a < done[-1][1]:
+                raise durable.CorruptFileError(folder / workdir.range_name(a, b), "overlaps another chunk")
+            check_chunk(folder, a, b, n)
+            done.append((a, b))
+        except durable.CorruptFileError as exc:
+            if on_bad is None:
+                raise
+            on_bad(exc.path, exc.reason)
+    try:
+        if check_marker(folder, n, k) and sum(b - a for a, b in done) == n:
+            return True
+    except durable.CorruptFileError as exc:
+        if on_bad is None:
+            raise
+        on_bad(exc.path, exc.reason)
+    todo = missing_ranges(done, n, chunk_rows)
     xyz = unit_vectors(lat, lon) if todo and k > 0 else None
     tree = cKDTree(xyz) if xyz is not None else None
+    key, split = made_for(folder)
     for a, b in todo:
         if stop.is_set():
             return False
@@ -103,25 +174,31 @@ def run_split(
         else:
             idx_k, metres = query(tree, xyz, a, b, k, max(1, threads))
             chunk = {"indices": idx_k, "distances": metres}
+        chunk[MADE_FOR] = np.array([key.encode(), split.encode()], dtype="S")
+        chunk["rows"] = np.array([a, b], np.int64)
         durable.write_npz(folder / workdir.range_name(a, b), chunk)
         faults.point("knn.chunk")
         if on_rows:
             on_rows(b - a)
     if stop.is_set():
         return False
-    workdir.commit(folder / workdir.SUCCESS, {"rows": n, "k": k, "chunks": len(workdir.ranges_done(folder))})
+    marker = {"key": key, "split": split, "rows": n, "k": k, "chunks": len(workdir.ranges_done(folder))}
+    workdir.commit(folder / workdir.SUCCESS, marker)
     return True
 
 
 def load_split(folder: Path, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole table of a completed split (a damaged chunk is a CorruptFileError naming it)."""
+    """The whole table of a completed split: its marker, and every chunk, made for this folder's key and
+    split and its own rows, tiling 0..n (anything else is a CorruptFileError naming the file)."""
     idx = np.zeros((n, k), np.int32)
     dist = np.zeros((n, k), np.float32)
     chunks = workdir.ranges_done(folder)
     starts = [0] + [b for _, b in chunks[:-1]]
     if sum(b - a for a, b in chunks) != n or [a for a, _ in chunks] != starts[: len(chunks)]:
         raise durable.CorruptFileError(folder / workdir.SUCCESS, f"its chunks do not cover rows 0..{n}")
+    check_marker(folder, n, k)
     for a, b in chunks:
+        check_chunk(folder, a, b, n)
         chunk = durable.read_npz(folder / workdir.range_name(a, b), ("indices", "distances"))
         if chunk["indices"].shape != (b - a, k):
             raise durable.CorruptFileError(

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 LOCATOR_COLUMNS = ("stem", "path", "offset", "size", "checksum")
 COLUMNS = LOCATOR_COLUMNS + D_FIELDS
 REJECT_COLUMNS = ("rej_path", "rej_reason", "rej_detail")
+SHARD_COLUMNS = COLUMNS + REJECT_COLUMNS
+MADE_FOR = "made_for"  # in a shard: [source, content key, index version]
 CACHE_COLUMNS = (*COLUMNS, *REJECT_COLUMNS, "source_idx", "rej_source_idx", "source_names", "source_digests")
 
 
@@ -127,15 +129,16 @@ def index_source(source: Source, layout: Layout, record_bytes: int) -> dict[str,
     t0 = time.monotonic()
     signature = source.signature()
     arrays, rejects = build_source_index(source, record_bytes)
-    durable.write_npz(layout.shard(source.name), arrays)
+    digest, content = digest_arrays(arrays, SHARD_COLUMNS), content_key(arrays)
+    durable.write_npz(layout.shard(source.name), {**arrays, MADE_FOR: made_for(source.name, content)})
     keys = records.target_key(arrays["DatasetID"], arrays["TargetID"])
     marker = {
         "version": INDEX_VERSION,
         "source": source.name,
         "kind": source.kind,
         "signature": signature,
-        "digest": digest_arrays(arrays),
-        "content": content_key(arrays),
+        "digest": digest,
+        "content": content,
         "images": len(arrays["stem"]),
         "image_bytes": int(arrays["size"].sum()),
         "targets": len(np.unique(keys)),
@@ -226,9 +229,40 @@ def index_all(
     return markers
 
 
-def load_shard(layout: Layout, name: str, lazy: bool = False) -> dict[str, np.ndarray] | durable.LazyNpz:
-    path, columns = layout.shard(name), COLUMNS + REJECT_COLUMNS
-    return durable.LazyNpz(path, columns) if lazy else durable.read_npz(path, columns)
+def made_for(name: str, content: str) -> np.ndarray:
+    return np.array([name.encode(), content.encode(), str(INDEX_VERSION).encode()], dtype="S")
+
+
+def load_shard(
+    layout: Layout, name: str, marker: dict[str, Any], lazy: bool = False
+) -> dict[str, np.ndarray] | durable.LazyNpz:
+    """A source's shard, checked against its marker and the name it is used for: the marker must be the
+    source's, and the shard must say it was made for that source, content and index version. A shard of an
+    earlier release (no keys inside) is proven by the marker's digest of every column, then written again
+    with its keys. Anything else is a CorruptFileError naming the file (moved aside and indexed again)."""
+    if marker.get("source") != name or marker.get("version") != INDEX_VERSION:
+        raise durable.CorruptFileError(
+            layout.shard_marker(name),
+            f"the marker of archive {marker.get('source')!r} (index version {marker.get('version')}), "
+            f"not of {name!r} (version {INDEX_VERSION})",
+        )
+    path = layout.shard(name)
+    shard = durable.LazyNpz(path, SHARD_COLUMNS)
+    expected = made_for(name, str(marker.get("content")))
+    if MADE_FOR in shard:
+        if shard[MADE_FOR].tolist() != expected.tolist():
+            found = [v.decode(errors="replace") for v in shard[MADE_FOR].tolist()]
+            raise durable.CorruptFileError(
+                path,
+                f"made for archive, content key, index version {found}, not {expected.astype(str).tolist()}",
+            )
+        return shard if lazy else {c: shard[c] for c in SHARD_COLUMNS}
+    arrays = {c: shard[c] for c in SHARD_COLUMNS}
+    if digest_arrays(arrays, SHARD_COLUMNS) != marker.get("digest"):
+        raise durable.CorruptFileError(path, f"does not hold what the marker of archive {name} describes")
+    durable.write_npz(path, {**arrays, MADE_FOR: expected})
+    log.info("%s: an index shard of an earlier release, proven by its marker's digest; now keyed", path)
+    return arrays
 
 
 def merge_cache(layout: Layout, names: list[str], markers: dict[str, dict[str, Any]]) -> None:
@@ -236,9 +270,9 @@ def merge_cache(layout: Layout, names: list[str], markers: dict[str, dict[str, A
     wanted = [markers[n]["digest"] for n in names]
     if read_cache_header(layout) == (names, wanted):
         return
-    shards = [load_shard(layout, n) for n in names]
+    shards = [load_shard(layout, n, markers[n]) for n in names]
     out: dict[str, np.ndarray] = {}
-    for col in COLUMNS + REJECT_COLUMNS:
+    for col in SHARD_COLUMNS:
         parts = [s[col] for s in shards]
         if parts[0].dtype.kind == "S":
             width = max(p.dtype.itemsize for p in parts)

@@ -159,6 +159,13 @@ def _run(ctx: RunContext, follow_timeout_s: float) -> int:
                 return run_single(ctx, follow_timeout_s)
         except CorruptFileError as exc:
             ctx.layout.quarantine(exc.path, exc.reason)
+            if ctx.mode == "merge" and from_workers(ctx.layout, exc.path):
+                # No archives, no model: the merge cannot make the file again. The run folder's copy is
+                # pulled again by the next merge, once its worker (or the user) has replaced it.
+                raise InputError(
+                    f"{exc.path}: {exc.reason}; a merge cannot compute it again: run the worker of its "
+                    "archive again, or replace the file in the run folder, then merge again"
+                ) from None
             ctx.reset()
     raise RunError(f"{MAX_CORRUPT_FILES} corrupt files in {ctx.layout.work}: is the disk failing?")
 
@@ -177,6 +184,11 @@ def disk_full_message(cfg: DataConfig, layout: Layout, exc: BaseException, dim: 
         f"{folder}: the disk is full ({free / 1e9:.3f} GB free{need}): free space, or point data.hdf5_path / "
         "data.work_dir elsewhere, and run again (nothing done is lost)"
     )
+
+
+def from_workers(layout: Layout, path: Path) -> bool:
+    """A file a merge gets from the workers' shards (an index shard, an embedding store), not one it makes."""
+    return any(path.is_relative_to(folder) for folder in (layout.index_dir, layout.emb_root))
 
 
 def execute(

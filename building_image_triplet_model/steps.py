@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import durable, embed, faults, geo_knn, identity, index, machine, plan, preflight, workdir
+from . import durable, embed, faults, geo_knn, identity, index, machine, plan, preflight, proof, workdir
 from .context import RunContext
 from .decode import ImageReader
 from .emb_store import EmbeddingStore
@@ -173,6 +173,7 @@ def knn(ctx: RunContext) -> None:
             machine.cpu_count(),
             ctx.cfg.knn_chunk_rows,
             on_rows=lambda n: ctx.progress.advance("knn", n),
+            on_bad=layout.quarantine,
         )
         if not complete:
             raise Interrupted
@@ -182,7 +183,24 @@ def knn(ctx: RunContext) -> None:
 # ------------------------------------------------------------------------------------------ embedding
 def store_of(ctx: RunContext, name: str) -> EmbeddingStore:
     marker = ctx.markers[name]
-    return EmbeddingStore(ctx.layout.store_dir(ctx.model_key, name, marker["content"]), int(marker["images"]))
+    return EmbeddingStore(
+        ctx.layout.store_dir(ctx.model_key, name, marker["content"]),
+        int(marker["images"]),
+        (name, str(marker["content"]), ctx.model_key),
+    )
+
+
+def audited_store(ctx: RunContext, s: int, name: str) -> EmbeddingStore:
+    """The archive's store, checked once per run against the keys and rows the run expects (a damaged or
+    foreign file raises CorruptFileError); chunks of an earlier release are proven or moved aside."""
+    store = store_of(ctx, name)
+    if name not in ctx.audited:
+        unkeyed = store.audit()
+        if unkeyed:
+            proof.prove_unkeyed(ctx, s, store, unkeyed, image_reader(ctx))
+            store.audit()  # the proven chunks now carry their keys; the marker is written again with them
+        ctx.audited.add(name)
+    return store
 
 
 def needed_rows(ctx: RunContext, s: int, all_rows: bool) -> np.ndarray:
@@ -202,7 +220,7 @@ def pending_works(
     for s, name in enumerate(ctx.names):
         if names is not None and name not in names:
             continue
-        store = store_of(ctx, name)
+        store = audited_store(ctx, s, name)
         needed = needed_rows(ctx, s, all_rows)
         if store.marker():
             continue  # every row of the archive is there
@@ -228,6 +246,13 @@ def record_model(ctx: RunContext) -> None:
         )
 
 
+def image_reader(ctx: RunContext) -> ImageReader:
+    sources = [ctx.sources.get(n) for n in ctx.names]
+    return ImageReader(
+        [str(s.path) if s else "" for s in sources], [bool(s and s.kind == "tar") for s in sources]
+    )
+
+
 def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool = False) -> None:
     """Embed every needed row that no store holds yet (``names``: only these archives)."""
     works = pending_works(ctx, names, all_rows)
@@ -240,14 +265,11 @@ def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool =
             f"embeddings of {', '.join(absent)} are missing, and so are the archives in {ctx.cfg.input_dir}"
         )
     for w in works:
-        shard = index.load_shard(ctx.layout, w.name, lazy=True)
+        shard = index.load_shard(ctx.layout, w.name, ctx.markers[w.name], lazy=True)
         w.locators = {k: shard[k][w.rows] for k in ("path", "offset", "size", "checksum")}
     record_model(ctx)
     backbone = ctx.backbone()
-    sources = [ctx.sources.get(n) for n in ctx.names]
-    reader = ImageReader(
-        [str(s.path) if s else "" for s in sources], [bool(s and s.kind == "tar") for s in sources]
-    )
+    reader = image_reader(ctx)
     step = "embed"
     ctx.progress.start(step, total=todo, unit="images")  # the clock starts now that the model is ready
 

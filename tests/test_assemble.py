@@ -303,7 +303,11 @@ def test_the_reference_work_folder_assembles_into_the_reference_artifact(
     parts = [
         Part(
             n,
-            EmbeddingStore(lay.store_dir(model_key, n, markers[n]["content"]), int(markers[n]["images"])),
+            EmbeddingStore(
+                lay.store_dir(model_key, n, markers[n]["content"]),
+                int(markers[n]["images"]),
+                (n, markers[n]["content"], model_key),
+            ),
             plan.source_rows(p, first, s),
             int(p["src_start"][s]),
         )

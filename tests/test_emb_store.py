@@ -63,7 +63,8 @@ def test_float16_embeddings_are_stored_as_float16(tmp_path: Path) -> None:
 
 def write_raw(store: EmbeddingStore, name: str, rows: np.ndarray, emb: np.ndarray, codes: np.ndarray) -> Path:
     path = store.folder / name
-    durable.write_npz(path, {"rows": rows, "emb": emb, "codes": codes})
+    made_for = np.array([v.encode() for v in store.made_for], dtype="S")
+    durable.write_npz(path, {"rows": rows, "emb": emb, "codes": codes, "made_for": made_for})
     return path
 
 
@@ -134,7 +135,16 @@ def test_commit_if_full_waits_for_every_row_and_counts_the_codes(tmp_path: Path)
     assert store.commit_if_full(store.done_rows()) is None  # row 7 is missing
     put(store, [7], codes=[0], dim=5)
     marker = store.commit_if_full(store.done_rows())
-    assert marker == {"rows": 8, "valid": 6, "failed": 2, "dim": 5, "chunks": 3}
+    assert marker == {
+        "source": "",
+        "content": "",
+        "model_key": "",
+        "rows": 8,
+        "valid": 6,
+        "failed": 2,
+        "dim": 5,
+        "chunks": 3,
+    }
     assert durable.read_json(store.folder / workdir.SUCCESS) == marker
     assert store.marker() == marker and store.width() == 5
     before = (store.folder / workdir.SUCCESS).stat().st_mtime_ns

@@ -59,6 +59,9 @@ def test_an_archives_results_become_one_chunk_when_its_rows_are_all_delivered(tm
     np.testing.assert_array_equal(chunk["rows"], np.arange(20))
     np.testing.assert_array_equal(chunk["emb"], batch(range(20))[1])
     assert durable.read_json(a.store.folder / workdir.SUCCESS) == {
+        "source": "",
+        "content": "",
+        "model_key": "",
         "rows": 20,
         "valid": 16,
         "failed": 4,
@@ -79,7 +82,10 @@ def test_pending_rows_complete_a_store_that_already_held_the_others(tmp_path: Pa
     writer.put(0, *batch(w.rows[10:]))
     writer.close()
     assert len(done) == 1
-    assert w.store.marker() == {"rows": 30, "valid": 30, "failed": 0, "dim": 3, "chunks": 2}
+    assert w.store.marker() == {
+        **dict.fromkeys(("source", "content", "model_key"), ""),
+        **{"rows": 30, "valid": 30, "failed": 0, "dim": 3, "chunks": 2},
+    }
     assert w.store.done_rows().tolist() == list(range(30))
 
 
@@ -194,7 +200,7 @@ class Ref:
         self.names: list[str] = stats["sources"]
         self.model_key = stats["model_key"]
         self.markers = {n: self.layout.index_marker(n, None) for n in self.names}
-        self.shards = {n: index.load_shard(self.layout, n) for n in self.names}
+        self.shards = {n: index.load_shard(self.layout, n, self.markers[n]) for n in self.names}
         self.reader = ImageReader([str(Path(cfg.input_dir) / f"{n}.tar") for n in self.names], [True] * 3)
 
     def images(self, name: str) -> int:
@@ -211,8 +217,11 @@ class Ref:
         return Work(s, name, store, np.asarray(rows, np.int64), loc, **kw)
 
     def stored(self, name: str) -> dict[int, tuple[np.ndarray, int]]:
+        content = self.markers[name]["content"]
         store = EmbeddingStore(
-            self.layout.store_dir(self.model_key, name, self.markers[name]["content"]), self.images(name)
+            self.layout.store_dir(self.model_key, name, content),
+            self.images(name),
+            (name, content, self.model_key),
         )
         return by_row(store)
 

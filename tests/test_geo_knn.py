@@ -141,7 +141,13 @@ def test_resumes_inside_a_split_after_a_chunk_is_lost(tmp_path: Path) -> None:
     folder = tmp_path / "knn"
     whole = run(folder, lat, lon, 4, chunk_rows=10)
     assert workdir.ranges_done(folder) == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 50)]
-    assert workdir.committed(folder) == {"rows": 50, "k": 4, "chunks": 5}
+    assert workdir.committed(folder) == {
+        "key": tmp_path.name,
+        "split": "knn",
+        "rows": 50,
+        "k": 4,
+        "chunks": 5,
+    }
 
     (folder / workdir.SUCCESS).unlink()
     (folder / workdir.range_name(20, 30)).unlink()
@@ -182,7 +188,7 @@ def test_k_zero_writes_empty_tables(tmp_path: Path) -> None:
     one = tmp_path / "one"
     idx, dist = run(one, np.array([1.0]), np.array([2.0]), 0)
     assert idx.shape == (1, 0) and dist.shape == (1, 0) and idx.dtype == np.int32
-    assert workdir.committed(one) == {"rows": 1, "k": 0, "chunks": 1}
+    assert workdir.committed(one) == {"key": tmp_path.name, "split": "one", "rows": 1, "k": 0, "chunks": 1}
     lat, lon = city(9, 5)
     idx, _ = run(tmp_path / "nine", lat, lon, 0, chunk_rows=4)
     assert idx.shape == (9, 0)
@@ -193,7 +199,13 @@ def test_an_empty_split(tmp_path: Path) -> None:
     folder = tmp_path / "none"
     idx, dist = run(folder, np.zeros(0), np.zeros(0), 0)
     assert idx.shape == (0, 0) and dist.shape == (0, 0)
-    assert workdir.committed(folder) == {"rows": 0, "k": 0, "chunks": 0}
+    assert workdir.committed(folder) == {
+        "key": tmp_path.name,
+        "split": "none",
+        "rows": 0,
+        "k": 0,
+        "chunks": 0,
+    }
 
 
 def test_load_split_refuses_a_missing_or_misshapen_chunk_after_commit(tmp_path: Path) -> None:
@@ -213,7 +225,13 @@ def test_load_split_refuses_a_missing_or_misshapen_chunk_after_commit(tmp_path: 
     run(folder3, lat, lon, 3, chunk_rows=10)
     bad = folder3 / workdir.range_name(10, 20)
     durable.write_npz(
-        bad, {"indices": np.zeros((10, 2), np.int32), "distances": np.zeros((10, 2), np.float32)}
+        bad,
+        {
+            "indices": np.zeros((10, 2), np.int32),
+            "distances": np.zeros((10, 2), np.float32),
+            "made_for": np.array([tmp_path.name.encode(), b"knn3"]),
+            "rows": np.array([10, 20]),
+        },
     )
     with pytest.raises(durable.CorruptFileError, match=r"shape \(10, 2\), expected \(10, 3\)") as err:
         geo_knn.load_split(folder3, 30, 3)

@@ -56,7 +56,7 @@ def extract(archives_dir: Path, dest: Path) -> Path:
 def tar_index(archives: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The sample archives indexed once (read-only)."""
     srcs, markers, lay = index_folder(archives[0], tmp_path_factory.mktemp("tar_index"))
-    return srcs, markers, lay, {s.name: index.load_shard(lay, s.name) for s in srcs}
+    return srcs, markers, lay, {s.name: index.load_shard(lay, s.name, markers[s.name]) for s in srcs}
 
 
 # ------------------------------------------------------------------------------------- tar and folder
@@ -68,7 +68,7 @@ def test_tar_and_folder_input_give_the_same_index(
     assert [s.name for s in d_srcs] == [s.name for s in srcs] == ["0003", "0004", "0009"]
     assert {s.kind for s in d_srcs} == {"dir"} and {s.kind for s in srcs} == {"tar"}
     for name in m_tar:
-        t, d = shards[name], index.load_shard(d_lay, name)
+        t, d = shards[name], index.load_shard(d_lay, name, m_dir[name])
         assert sorted(t) == sorted(d)
         for col in t:
             if col == "offset":
