@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from . import artifact, durable, preflight, steps
+from . import artifact, durable, ownership, preflight, steps
 from .config import DataConfig
 from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
@@ -175,6 +175,9 @@ def execute(
     for note in cfg.warnings:
         log.warning("%s", note)
     try:
+        # Whose folders these are, before anything is read or written (ownership.py).
+        ownership.check_apart_from_input(cfg, layout)
+        ownership.check_work_folder(layout)
         preflight.check_output_location(layout.output.parent, layout.work)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
@@ -182,7 +185,7 @@ def execute(
         if resolved is not None and not follow:
             preflight.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
-        layout.work.mkdir(parents=True, exist_ok=True)
+        ownership.claim_work_folder(layout)
         setup_logging(layout.log, layout.events)
         for note in cfg.warnings:
             log.warning("%s", note, extra=FILE_ONLY)  # the console has shown them already
