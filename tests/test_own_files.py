@@ -256,3 +256,27 @@ def test_a_folder_of_user_files_is_never_adopted_and_an_unknown_marker_is_not_ou
     (tmp_path / "mine" / OWNER_MARKER).write_text('{"owner": "someone else"}')
     with pytest.raises(ConfigError):
         ownership.check_work_folder(layout)
+
+
+# ---------------------------------------------------------------------------------- bounded progress.json
+def test_a_run_and_the_status_report_read_a_progress_file_nested_2000_deep(tmp_path: Path) -> None:
+    """The release before the flat history nested every start's previous record: after enough restarts
+    every run and the status report failed with a RecursionError."""
+    from test_progress import nested_progress
+
+    inp = tmp_path / "in"
+    make_archives(inp, archives=1, targets=4, bad=False)
+    cfg_path = tiny_config(tmp_path, inp)
+    _, layout = load(cfg_path)
+    shutil.copytree(BEFORE_MARKER, layout.work)
+    layout.progress_json.write_text(nested_progress(2000))
+    status = run_cli("preprocess_resume", "--config", str(cfg_path), "--json", timeout=120)
+    assert status.returncode == 10, status.stderr
+    assert json.loads(status.stdout)["last_run"]["pid"] == 2000
+    r = run_cli("dataset_processor", "--config", str(cfg_path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads(layout.progress_json.read_text())
+    assert [h["pid"] for h in state["history"]][:2] == [2000, 1999]
+    assert len(state["history"]) == 20
+    status = run_cli("preprocess_resume", "--config", str(cfg_path), timeout=120)
+    assert status.returncode == 0, status.stderr
