@@ -139,18 +139,34 @@ def _refuse(layout: Layout, why: str) -> ConfigError:
     )
 
 
+def _new(layout: Layout) -> str:
+    """A new work folder: a file already at hdf5_path is replaced only when its stats file says the engine
+    made it (a work folder removed to save space, the artifact kept)."""
+    try:
+        stats = durable.read_json(layout.stats)
+    except durable.CorruptFileError:
+        stats = None
+    if layout.output.is_file() and not (isinstance(stats, dict) and stats.get("run_key")):
+        raise ConfigError(
+            f"{layout.output}: data.hdf5_path is an existing file that this engine did not make (no work "
+            f"folder {layout.work}, no {layout.stats.name} of a run beside it); it would be replaced: move "
+            "it away or choose another data.hdf5_path"
+        )
+    return "new"
+
+
 def check_work_folder(layout: Layout) -> str:
     """Read-only: 'new' (absent or empty), 'ours' (the marker), 'earlier release' (adoptable); ConfigError
     (exit 2) naming the folder for anything else."""
     work = layout.work
     if not work.exists() and not work.is_symlink():
-        return "new"
+        return _new(layout)
     if not work.is_dir():
         raise ConfigError(f"{work}: the work folder is not a folder")
     if _marker(work) is not None:
         return "ours"
     if not any(work.iterdir()):
-        return "new"
+        return _new(layout)
     why = made_before_the_marker(layout)
     if why is not None:
         raise _refuse(layout, why)

@@ -4,6 +4,7 @@ archives, real folders of someone else's files, each compared by SHA-256 before 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -11,13 +12,30 @@ import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from engine_helpers import load, make_archives, run_cli, stats, tiny_config
 
-from building_image_triplet_model import ownership
 from building_image_triplet_model.errors import ConfigError
-from building_image_triplet_model.workdir import OWNER_MARKER, Layout
+from building_image_triplet_model.workdir import Layout
+
+# Imported inside the tests that use them, so that the tests of whole processes also run (and fail) on the
+# release before these modules' names existed.
+OWNER_MARKER = "work_folder.json"  # workdir.OWNER_MARKER: checked by test_the_marker_is_the_layouts
+
+
+def own() -> ModuleType:
+    """building_image_triplet_model.ownership"""
+    return importlib.import_module("building_image_triplet_model.ownership")
+
+
+def test_the_marker_is_the_layouts(tmp_path: Path) -> None:
+    from building_image_triplet_model.workdir import OWNER_MARKER as name
+
+    _, layout = load(tiny_config(tmp_path, tmp_path / "in"))
+    assert name == OWNER_MARKER and layout.owner_marker == layout.work / name
+
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # A work folder exactly as the release before the marker left it (commit 93c7fca, tests/fixtures/README.md).
@@ -73,13 +91,16 @@ def test_an_unsafe_work_dir_is_refused_and_every_file_survives_runs_and_fresh_ru
         (tmp_path / "link").symlink_to(inp, target_is_directory=True)
     cfg = tiny_config(tmp_path, inp, work_dir=str(work))
     before = sha256s(tmp_path)
+    runs = []
     for extra in ([], ["--fresh"], ["--discard-embeddings"], ["--fresh"]):
-        r = run_cli("dataset_processor", "--config", str(cfg), *extra)
+        runs.append((extra, run_cli("dataset_processor", "--config", str(cfg), *extra)))
+        now = sha256s(tmp_path)
+        assert {k: now.get(k) for k in before} == before, f"{extra}: files lost or changed"
+    for extra, r in runs:
         assert r.returncode == 2, (extra, r.stderr)
-        line = one_line_error(r.stderr)
-        assert os.path.realpath(work) in line  # the config resolves links
-        assert sha256s(tmp_path) == before, f"{extra}: files changed"
-    assert not (tmp_path / "out").exists(), "nothing is written before the refusal"
+        assert os.path.realpath(work) in one_line_error(r.stderr)  # the config resolves links
+    assert sha256s(tmp_path) == before, "nothing is written before the refusal"
+    assert not (tmp_path / "out").exists()
     assert not (inp / "work").exists()
 
 
@@ -127,10 +148,10 @@ def test_the_apart_from_input_check_resolves_links_both_ways(tmp_path: Path) -> 
     for h5, how in cases.items():
         cfg, layout = load(tiny_config(tmp_path, inp, hdf5_path=h5))
         if how is None:
-            ownership.check_apart_from_input(cfg, layout)
+            own().check_apart_from_input(cfg, layout)
         else:
             with pytest.raises(ConfigError, match=how):
-                ownership.check_apart_from_input(cfg, layout)
+                own().check_apart_from_input(cfg, layout)
 
 
 # ------------------------------------------------------------------------- --fresh in the engine's folder
@@ -140,7 +161,6 @@ def test_fresh_and_discard_embeddings_remove_only_the_engines_names(tmp_path: Pa
     cfg_path = tiny_config(tmp_path, inp)
     _, layout = load(cfg_path)
     assert run_cli("dataset_processor", "--config", str(cfg_path)).returncode == 0
-    assert json.loads(layout.owner_marker.read_text())["owner"] == ownership.OWNER
     # Someone's files beside the output and inside the engine's own work folder, one named like a key folder.
     plant_user_files(layout.output.parent)
     plant_user_files(layout.work)
@@ -164,6 +184,26 @@ def test_fresh_and_discard_embeddings_remove_only_the_engines_names(tmp_path: Pa
         assert {k: now_inside.get(k) for k in theirs_inside} == theirs_inside, extra
         assert "removing" in r.stderr and "notes.txt" not in r.stderr
     assert stats(layout)["images_embedded"] == 15, "--discard-embeddings discarded the engine's embeddings"
+    assert json.loads(layout.owner_marker.read_text())["owner"] == own().OWNER
+    # The work folder removed to save space, the artifact kept: the artifact is known by its stats file.
+    shutil.rmtree(layout.work)
+    r = run_cli("dataset_processor", "--config", str(cfg_path))
+    assert r.returncode == 0, r.stderr
+    assert "is complete; nothing to do" in r.stderr
+
+
+def test_a_file_at_hdf5_path_that_the_engine_did_not_make_is_refused(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    make_archives(inp, archives=1, targets=4, bad=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dataset.h5").write_bytes(os.urandom(2048))  # someone's own HDF5 file, say
+    cfg_path = tiny_config(tmp_path, inp)
+    before = sha256s(tmp_path)
+    for extra in ([], ["--fresh"]):
+        r = run_cli("dataset_processor", "--config", str(cfg_path), *extra)
+        assert r.returncode == 2, r.stderr
+        assert "data.hdf5_path is an existing file that this engine did not make" in one_line_error(r.stderr)
+        assert sha256s(tmp_path) == before
 
 
 def test_an_empty_existing_work_dir_is_taken_and_marked(tmp_path: Path) -> None:
@@ -174,7 +214,7 @@ def test_an_empty_existing_work_dir_is_taken_and_marked(tmp_path: Path) -> None:
     r = run_cli("dataset_processor", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     marker = json.loads((tmp_path / "scratch" / OWNER_MARKER).read_text())
-    assert marker["owner"] == ownership.OWNER and "adopted" not in marker
+    assert marker["owner"] == own().OWNER and "adopted" not in marker
 
 
 # -------------------------------------------------------------------------- the release before the marker
@@ -191,7 +231,7 @@ def test_a_work_folder_of_the_release_before_the_marker_is_adopted_and_reused(tm
     assert r.returncode == 0, r.stderr
     assert "a work folder of an earlier release: adopted" in r.stderr
     marker = json.loads(layout.owner_marker.read_text())
-    assert marker["owner"] == ownership.OWNER and "adopted" in marker
+    assert marker["owner"] == own().OWNER and "adopted" in marker
     assert (stats(layout)["images_embedded"], stats(layout)["images_reused"]) == (0, 15)
     # The earlier release's nested progress.json became the flat history.
     progress = json.loads(layout.progress_json.read_text())
@@ -210,22 +250,22 @@ def _before_marker_copy(tmp_path: Path) -> Layout:
 
 def test_only_a_folder_of_exactly_that_releases_shape_is_adopted(tmp_path: Path) -> None:
     layout = _before_marker_copy(tmp_path)
-    assert ownership.made_before_the_marker(layout) is None
-    assert ownership.check_work_folder(layout) == "earlier release"
+    assert own().made_before_the_marker(layout) is None
+    assert own().check_work_folder(layout) == "earlier release"
     (layout.work / ".progress.json.k2j3h4.tmp").write_text("{")  # a write a kill interrupted
-    assert ownership.made_before_the_marker(layout) is None
+    assert own().made_before_the_marker(layout) is None
 
     case = itertools.count()
 
     def refused(change: Callable[[Path], object], why: str) -> None:
         layout = _before_marker_copy(tmp_path / f"case{next(case)}")
         change(layout.work)
-        assert why in (ownership.made_before_the_marker(layout) or "")
+        assert why in (own().made_before_the_marker(layout) or "")
         with pytest.raises(ConfigError, match="is not this engine's"):
-            ownership.check_work_folder(layout)
+            own().check_work_folder(layout)
         before = sha256s(layout.work)
         with pytest.raises(ConfigError):
-            ownership.claim_work_folder(layout)
+            own().claim_work_folder(layout)
         assert sha256s(layout.work) == before, "a refused folder gets nothing written"
 
     refused(lambda w: (w / "notes.txt").write_text("mine"), "it holds notes.txt")
@@ -252,10 +292,10 @@ def test_a_folder_of_user_files_is_never_adopted_and_an_unknown_marker_is_not_ou
     plant_user_files(tmp_path / "mine")
     _, layout = load(tiny_config(tmp_path, tmp_path / "in", work_dir=str(tmp_path / "mine")))
     with pytest.raises(ConfigError, match=f"{tmp_path / 'mine'}: the work folder exists, is not empty"):
-        ownership.check_work_folder(layout)
+        own().check_work_folder(layout)
     (tmp_path / "mine" / OWNER_MARKER).write_text('{"owner": "someone else"}')
     with pytest.raises(ConfigError):
-        ownership.check_work_folder(layout)
+        own().check_work_folder(layout)
 
 
 # ---------------------------------------------------------------------------------- bounded progress.json
