@@ -165,7 +165,9 @@ def check_work_folder(layout: Layout) -> str:
         raise ConfigError(f"{work}: the work folder is not a folder")
     if _marker(work) is not None:
         return "ours"
-    if not any(work.iterdir()):
+    # The marker is the first file written: a kill while it was written leaves only its temporary file.
+    half = f".{OWNER_MARKER}."
+    if all(e.name.startswith(half) and e.name.endswith(durable.TMP_SUFFIX) for e in work.iterdir()):
         return _new(layout)
     why = made_before_the_marker(layout)
     if why is not None:

@@ -207,9 +207,11 @@ def test_a_file_at_hdf5_path_that_the_engine_did_not_make_is_refused(tmp_path: P
 
 
 def test_an_empty_existing_work_dir_is_taken_and_marked(tmp_path: Path) -> None:
+    """Empty, or holding only the temporary file of a marker whose write a kill interrupted."""
     inp = tmp_path / "in"
     make_archives(inp, archives=1, targets=4, bad=False)
     (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / f".{OWNER_MARKER}.x8y7z6.tmp").write_text('{"own')
     cfg_path = tiny_config(tmp_path, inp, work_dir=str(tmp_path / "scratch"))
     r = run_cli("dataset_processor", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
