@@ -142,11 +142,13 @@ def _refuse(layout: Layout, why: str) -> ConfigError:
 def _new(layout: Layout) -> str:
     """A new work folder: a file already at hdf5_path is replaced only when its stats file says the engine
     made it (a work folder removed to save space, the artifact kept)."""
+    if not layout.output.is_file():
+        return "new"
     try:
         stats = durable.read_json(layout.stats)
-    except durable.CorruptFileError:
+    except (durable.CorruptFileError, OSError):
         stats = None
-    if layout.output.is_file() and not (isinstance(stats, dict) and stats.get("run_key")):
+    if not (isinstance(stats, dict) and stats.get("run_key")):
         raise ConfigError(
             f"{layout.output}: data.hdf5_path is an existing file that this engine did not make (no work "
             f"folder {layout.work}, no {layout.stats.name} of a run beside it); it would be replaced: move "

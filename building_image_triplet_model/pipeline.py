@@ -208,7 +208,7 @@ def execute(
             )
             if fresh or discard_embeddings:
                 layout.discard(keep_embeddings=not discard_embeddings)
-            durable.remove_tmp_files(layout.work)
+            layout.remove_interrupted_writes()
             if ctx.hooks.on_start:
                 ctx.hooks.on_start(ctx)
             durable.write_json(

@@ -238,6 +238,16 @@ class Layout:
                 log.warning("--fresh: removing %s", path)
                 shutil.rmtree(path)
 
+    def remove_interrupted_writes(self) -> None:
+        """Temporary files of writes a kill interrupted: at the work folder's top level and in its own
+        folders only, never in a folder the Layout does not define."""
+        for path in self.work.glob(f".*{durable.TMP_SUFFIX}"):
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        for folder in (self.index_dir, self.knn_root, self.emb_root):
+            if not folder.is_symlink():
+                durable.remove_tmp_files(folder)
+
     def remove_stale_keys(self, folder: Path, keep: str) -> None:
         """Delete the other keys' folders under ``folder`` (cheap steps: another key is recomputed)."""
         if folder.is_dir():

@@ -166,6 +166,7 @@ def test_fresh_and_discard_embeddings_remove_only_the_engines_names(tmp_path: Pa
     plant_user_files(layout.work)
     (layout.work / "0123456789abcdef").mkdir()
     (layout.work / "0123456789abcdef" / "x.npz").write_bytes(b"not ours")
+    (layout.work / "photos" / ".draft.a1b2.tmp").write_text("named like a temporary file of the engine's")
     theirs_beside = {
         k: v for k, v in sha256s(layout.output.parent, skip=layout.work).items() if "dataset" not in k
     }
@@ -174,7 +175,7 @@ def test_fresh_and_discard_embeddings_remove_only_the_engines_names(tmp_path: Pa
         for k, v in sha256s(layout.work).items()
         if k.split("/")[0] in ("notes.txt", "photos", "0123456789abcdef")
     }
-    assert len(theirs_beside) == 2 and len(theirs_inside) == 3
+    assert len(theirs_beside) == 2 and len(theirs_inside) == 4
     for extra in (["--fresh"], ["--discard-embeddings"]):
         r = run_cli("dataset_processor", "--config", str(cfg_path), *extra)
         assert r.returncode == 0, r.stderr
