@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import artifact, durable, machine, preflight, steps
+from . import artifact, durable, machine, ownership, preflight, steps
 from .config import DataConfig
 from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
@@ -213,6 +213,9 @@ def execute(
         log.warning("%s", note)
     try:
         preflight.check_output_file(layout.output)
+        # Whose folders these are, before anything is read or written (ownership.py).
+        ownership.check_apart_from_input(cfg, layout)
+        ownership.check_work_folder(layout)
         preflight.check_output_location(layout.output.parent, layout.work)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
@@ -224,7 +227,7 @@ def execute(
         if resolved is not None and not follow:
             preflight.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
-        layout.work.mkdir(parents=True, exist_ok=True)
+        ownership.claim_work_folder(layout)
         setup_logging(layout.log, layout.events)
         for note in cfg.warnings:
             log.warning("%s", note, extra=FILE_ONLY)  # the console has shown them already
@@ -247,7 +250,7 @@ def execute(
             )
             if fresh or discard_embeddings:
                 layout.discard(keep_embeddings=not discard_embeddings)
-            durable.remove_tmp_files(layout.work)
+            layout.remove_interrupted_writes()
             if ctx.hooks.on_start:
                 ctx.hooks.on_start(ctx)
             durable.write_json(

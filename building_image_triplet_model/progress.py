@@ -5,8 +5,9 @@
 * On a terminal every long step has a tqdm bar with its rate and ETA, and log lines go through tqdm
   (its logging redirection), never into the middle of a bar. Off a terminal, one progress line per
   ``log_every_s``.
-* ``progress.json`` (the work folder) holds each step's counts, rate and ETA for the status report;
-  ``events.jsonl`` one JSON object per progress event and per warning, for Cloud Logging.
+* ``progress.json`` (the work folder) holds each step's counts, rate and ETA for the status report, this
+  run's record and a flat history of the last :data:`HISTORY_RUNS` runs; ``events.jsonl`` one JSON object
+  per progress event and per warning, for Cloud Logging.
 
 A step's clock starts when its work starts (the embedding step's once the model is ready), so rates and
 ETAs measure work, not imports.
@@ -18,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +31,8 @@ from . import durable
 from .errors import disk_full
 
 log = logging.getLogger("building_image_triplet_model")
+
+HISTORY_RUNS = 20  # earlier runs' records kept in progress.json, newest first
 
 
 def utc_now() -> str:
@@ -120,12 +124,14 @@ class Progress:
         self.path = path
         self.events = events
         try:
-            previous = durable.read_json(path) or {}
+            previous = read_progress(path)
         except durable.CorruptFileError:
             previous = {}  # only a report: start a new one
+        history = [previous["run"], *previous["history"]] if previous.get("run") else []
         self.state: dict[str, Any] = {
             "steps": previous.get("steps", {}),
-            "run": {"pid": os.getpid(), "started": utc_now(), "previous": previous.get("run")},
+            "run": {"pid": os.getpid(), "started": utc_now()},
+            "history": history[:HISTORY_RUNS],
         }
         self.log_every_s = log_every_s
         self._t0: dict[str, float] = {}
@@ -231,3 +237,99 @@ def line(step: str, st: dict[str, Any]) -> str:
         + (f", {st['rate']:.1f}/s" if st.get("rate") else "")
         + (f", ETA {eta / 60:.1f} min" if eta is not None else "")
     )
+
+
+# ------------------------------------------------------------------------------------------ progress.json
+def _flat(record: Any) -> dict[str, Any]:
+    """A run's record without anything nested in it (an older release nested the previous run)."""
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items() if not isinstance(v, dict | list)}
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """progress.json as {"steps", "run", "history"}: {} when absent, CorruptFileError when unreadable. The
+    history is flat and at most HISTORY_RUNS long, also from a file of the release that nested each start's
+    previous record inside the next (read without recursion, however deep, and cut to the last runs)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        try:
+            doc = json.loads(raw)
+        except RecursionError:
+            doc = _loads_deep(raw.decode())
+    except ValueError as exc:
+        raise durable.CorruptFileError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise durable.CorruptFileError(path, "not a JSON object")
+    run = doc.get("run") if isinstance(doc.get("run"), dict) else {}
+    nested, node = [], run.get("previous")
+    while isinstance(node, dict) and len(nested) < HISTORY_RUNS:
+        nested.append(_flat(node))
+        node = node.get("previous")
+    history = doc.get("history") if isinstance(doc.get("history"), list) else []
+    steps = doc.get("steps") if isinstance(doc.get("steps"), dict) else {}
+    return {"steps": steps, "run": _flat(run), "history": [*nested, *map(_flat, history)][:HISTORY_RUNS]}
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_SCALAR = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null|NaN|-?Infinity")
+
+
+def _loads_deep(text: str) -> Any:
+    """JSON without recursion: the standard library's decoder recurses once per level of nesting."""
+    stack: list[tuple[Any, str | None]] = []  # the open containers, and an object's pending key
+    i, n = _WS.match(text, 0).end(), len(text)  # type: ignore[union-attr]
+
+    def key_at(i: int) -> tuple[str, int]:
+        if text[i : i + 1] != '"':
+            raise ValueError(f"expected a key at {i}")
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        if text[i : i + 1] != ":":
+            raise ValueError(f"expected ':' at {i}")
+        return key, _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+
+    while True:
+        ch = text[i : i + 1]
+        closing = {"{": "}", "[": "]"}.get(ch)
+        if closing:
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+            if text[i : i + 1] != closing:
+                key = None
+                if ch == "{":
+                    key, i = key_at(i)
+                stack.append(({} if ch == "{" else [], key))
+                continue
+            value, i = ({} if ch == "{" else []), i + 1
+        elif ch == '"':
+            value, i = json.decoder.scanstring(text, i + 1)
+        else:
+            m = _SCALAR.match(text, i)
+            if not m:
+                raise ValueError(f"unexpected character at {i}")
+            value, i = json.loads(m.group()), m.end()
+        while True:  # attach the value; close every container that ends here
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if not stack:
+                if i != n:
+                    raise ValueError(f"extra data at {i}")
+                return value
+            container, key = stack[-1]
+            if isinstance(container, dict):
+                container[key] = value
+            else:
+                container.append(value)
+            ch = text[i : i + 1]
+            if ch == ",":
+                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+                if isinstance(container, dict):
+                    key, i = key_at(i)
+                    stack[-1] = (container, key)
+                break
+            if ch != ("}" if isinstance(container, dict) else "]"):
+                raise ValueError(f"expected ',' or the end of a container at {i}")
+            stack.pop()
+            value, i = container, i + 1

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 
-from . import cloud_sync, identity, pipeline
+from . import cloud_sync, identity, ownership, pipeline
 from .config import DataConfig
 from .context import Hooks, RunContext
 from .embed import Work
@@ -174,7 +174,10 @@ def merge(
         run = claim(run_uri, {k: v for k, v in run_settings(cfg).items() if k != "model_spec"}, create=False)
         model_key = str(run["model_key"])
         layout = Layout(cfg)
+        ownership.check_apart_from_input(cfg, layout)
+        ownership.check_work_folder(layout)
         wait_for_shards(layout, run_uri, model_key, names, timeout_s)
+        ownership.claim_work_folder(layout)  # the pull writes into it: it must be the engine's
         result = cloud_sync.pull_dir(
             join(run_uri, "shards"), layout.work, include=layout.shard_files(model_key, names)
         )

@@ -23,6 +23,7 @@ from . import durable, identity, index, plan
 from .config import DataConfig
 from .emb_store import EmbeddingStore
 from .errors import InputError
+from .progress import read_progress
 from .sources import list_sources
 from .work_split import manifest_sources
 from .workdir import Layout, lock_holder
@@ -112,7 +113,10 @@ def collect(cfg: DataConfig) -> dict[str, Any]:
     layout = Layout(cfg)
     report: dict[str, Any] = {"output": str(layout.output), "work_dir": str(layout.work), "steps": {}}
     steps = report["steps"]
-    progress = _read(layout.progress_json) or {}
+    try:
+        progress = read_progress(layout.progress_json)
+    except durable.CorruptFileError:
+        progress = {}
     report["running_pid"] = lock_holder(layout.lock)
 
     # index

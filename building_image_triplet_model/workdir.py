@@ -6,6 +6,7 @@
     out/dataset.stats.json            the run's counts; written last
     out/dataset.log                   every run's log
     out/dataset.work/                 the work folder (what checkpoints carry)
+      work_folder.json                the engine made (or adopted) this folder: the only one it writes in
       lock, run.json, progress.json, events.jsonl
       index/<source>.npz|.json        a source's index shard, and its marker written after it
       metadata_cache_complete.npz     every source's index merged
@@ -34,12 +35,13 @@ from typing import Any
 
 from . import durable, faults
 from .config import DataConfig
-from .errors import LockedError
+from .errors import LockedError, RunError
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
 CACHE_NAME = "metadata_cache_complete.npz"
+OWNER_MARKER = "work_folder.json"  # the engine made this folder (ownership.py): the only one it writes in
 INDEX_VERSION = 2  # 2: image checksums; a shard of another version is indexed again
 
 
@@ -71,6 +73,10 @@ class Layout:
         return self._beside(".log")
 
     # the work folder
+    @property
+    def owner_marker(self) -> Path:
+        return self.work / OWNER_MARKER
+
     @property
     def lock(self) -> Path:
         return self.work / "lock"
@@ -194,11 +200,12 @@ class Layout:
 
     # ------------------------------------------------------------------------------ maintenance
     def quarantine(self, path: Path, reason: str) -> Path:
-        """Move a committed file that did not read back out of the way (kept for a look, never read)."""
-        try:
-            rel = path.relative_to(self.work)
-        except ValueError:
-            rel = Path(path.name)
+        """Move a committed file that did not read back out of the way (kept for a look, never read). Only
+        the engine's files move: one of its work folder, or the stats or rejects file beside the output."""
+        inside = path.is_relative_to(self.work) and ".." not in path.relative_to(self.work).parts
+        if not inside and path not in (self.stats, self.rejects):
+            raise RunError(f"{path} did not read back ({reason}); it is not the engine's file to move aside")
+        rel = path.relative_to(self.work) if inside else Path(path.name)
         # The time and a counter: a file damaged twice within a second keeps both copies.
         stem = f"{rel.as_posix().replace('/', '__')}.{time.strftime('%Y%m%dT%H%M%S')}"
         target = self.corrupt_dir / stem
@@ -211,24 +218,35 @@ class Layout:
             durable.fsync_dir(path.parent)
         log.warning("%s is corrupt (%s): moved to %s; it is computed again", path, reason, target)
         marker = path.parent / SUCCESS
-        if path.name != SUCCESS and marker.exists():
+        if inside and path.name != SUCCESS and marker.exists():
             marker.unlink()  # the folder lost a file: it is no longer complete
             durable.fsync_dir(path.parent)
         return target
 
     def discard(self, keep_embeddings: bool) -> None:
         """--fresh: the artifact, the plan, the KNN tables and the index (every archive is indexed again)
-        go; the embedding stores stay unless told otherwise: unchanged archives reuse them."""
-        for path in (self.output, self.partial, self.stats, self.rejects):
-            if path.exists():
+        go; the embedding stores stay unless told otherwise: unchanged archives reuse them. Only these names
+        are removed: anything else in the work folder or beside the output is not the engine's and stays."""
+        files = [self.output, self.partial, self.stats, self.rejects, self.run_json, self.progress_json]
+        files += [self.cache, self.plan, self.plan_json, self.assemble_json]
+        folders = [self.index_dir, self.knn_root] + ([] if keep_embeddings else [self.emb_root])
+        for path in files + folders:
+            if path.is_symlink() or (path.is_file() and path in files):
                 log.warning("--fresh: removing %s", path)
-                path.unlink()
-        keep = {"lock", "events.jsonl", "corrupt"} | ({"emb"} if keep_embeddings else set())
-        if self.work.is_dir():
-            for child in self.work.iterdir():
-                if child.name not in keep:
-                    log.warning("--fresh: removing %s", child)
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                path.unlink()  # a link goes, never what it points to
+            elif path.is_dir() and path in folders:
+                log.warning("--fresh: removing %s", path)
+                shutil.rmtree(path)
+
+    def remove_interrupted_writes(self) -> None:
+        """Temporary files of writes a kill interrupted: at the work folder's top level and in its own
+        folders only, never in a folder the Layout does not define."""
+        for path in self.work.glob(f".*{durable.TMP_SUFFIX}"):
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        for folder in (self.index_dir, self.knn_root, self.emb_root):
+            if not folder.is_symlink():
+                durable.remove_tmp_files(folder)
 
     def remove_stale_keys(self, folder: Path, keep: str) -> None:
         """Delete the other keys' folders under ``folder`` (cheap steps: another key is recomputed)."""

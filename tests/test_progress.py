@@ -102,3 +102,37 @@ def test_each_long_step_gets_a_bar_with_rate_and_eta(tmp_path, capsys):
     for step in ("index", "knn", "embed", "assemble"):
         assert re.search(rf"{step}: +50%\|", err), step
     assert "<" in err and "/s]" in err  # tqdm's ETA and rate
+
+
+# ------------------------------------------------------------------------------------ progress.json history
+def nested_progress(levels: int) -> str:
+    """progress.json as the release before the flat history wrote it after ``levels`` starts: each start
+    nested the previous run's record in its own (built as text: json.dumps itself would recurse)."""
+    run = "null"
+    for pid in range(1, levels + 1):
+        run = f'{{"pid": {pid}, "previous": {run}, "started": "t{pid}", "updated": "u{pid}"}}'
+    return f'{{"run": {run}, "steps": {{"index": {{"done": 3, "total": 3, "status": "done"}}}}}}'
+
+
+def test_the_history_is_flat_and_keeps_the_last_runs(tmp_path: Path) -> None:
+    for _ in range(progress.HISTORY_RUNS + 5):
+        p = make(tmp_path)
+        p.close()
+    state = json.loads((tmp_path / "progress.json").read_text())
+    history = state["history"]
+    assert len(history) == progress.HISTORY_RUNS
+    assert all(not isinstance(v, dict | list) for h in history for v in h.values())
+    assert "previous" not in state["run"]
+
+
+def test_a_progress_file_nested_2000_deep_is_read_flat_and_bounded(tmp_path: Path) -> None:
+    (tmp_path / "progress.json").write_text(nested_progress(2000))
+    read = progress.read_progress(tmp_path / "progress.json")
+    assert read["run"] == {"pid": 2000, "started": "t2000", "updated": "u2000"}
+    assert [h["pid"] for h in read["history"]] == list(range(1999, 1999 - progress.HISTORY_RUNS, -1))
+    p = make(tmp_path)
+    p.close()
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert [h["pid"] for h in state["history"]][:3] == [2000, 1999, 1998]
+    assert len(state["history"]) == progress.HISTORY_RUNS
+    assert state["steps"]["index"]["done"] == 3

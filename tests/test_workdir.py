@@ -14,7 +14,7 @@ import pytest
 from engine_helpers import REPO
 
 from building_image_triplet_model import config, durable, workdir
-from building_image_triplet_model.errors import LockedError
+from building_image_triplet_model.errors import LockedError, RunError
 from building_image_triplet_model.workdir import Layout
 
 
@@ -222,13 +222,18 @@ def test_quarantine_moves_a_file_aside_with_a_name_that_shows_where_it_came_from
     assert moved.name.startswith("emb__mk__0003-ck__0000000000-0000000009.npz.")
     assert moved.read_bytes() == b"chunk"
 
-    outside = tmp_path / "elsewhere.json"
-    outside.write_text("{")
-    moved = lay.quarantine(outside, "json")
-    assert moved.parent == lay.corrupt_dir and moved.name.startswith("elsewhere.json.")
-    assert not outside.exists()
+    lay.stats.write_text("{")  # the engine's file beside the output
+    moved = lay.quarantine(lay.stats, "json")
+    assert moved.parent == lay.corrupt_dir and moved.name.startswith("set.stats.json.")
+    assert not lay.stats.exists()
+    # Anything else is not the engine's to move: refused, left where it is.
+    for outside in (tmp_path / "elsewhere.json", lay.work / ".." / "mine.json"):
+        outside.write_text("{")
+        with pytest.raises(RunError, match="not the engine's file"):
+            lay.quarantine(outside, "json")
+        assert outside.read_text() == "{"
 
-    assert lay.quarantine(tmp_path / "gone.npz", "vanished").parent == lay.corrupt_dir  # no error
+    assert lay.quarantine(lay.plan, "vanished").parent == lay.corrupt_dir  # gone already: no error
     assert sorted(p.read_bytes() for p in lay.corrupt_dir.iterdir()) == [b"chunk", b"damaged shard", b"{"]
 
 
@@ -294,7 +299,7 @@ TRY = """
 import sys
 from pathlib import Path
 from building_image_triplet_model.workdir import RunLock
-from building_image_triplet_model.errors import LockedError
+from building_image_triplet_model.errors import LockedError, RunError
 try:
     with RunLock(Path(sys.argv[1])):
         print("acquired")

@@ -251,6 +251,14 @@ def push_dir(
 
 
 # -------------------------------------------------------------------------------------------------- pull
+def _inside(root: Path, rel: str) -> None:
+    """CloudSyncError when the file ``rel`` of ``root`` would land outside it (a linked folder on its way)."""
+    real_root = os.path.realpath(root)
+    where = os.path.realpath(root.joinpath(*rel.split("/")[:-1]))
+    if os.path.commonpath([real_root, where]) != real_root:
+        raise CloudSyncError(f"pull: {root / rel}: its folder leads outside {root} (to {where}); refusing")
+
+
 def pull_dir(
     src: str,
     dest: str | os.PathLike[str],
@@ -265,7 +273,9 @@ def pull_dir(
     log: Log = None,
 ) -> SyncResult:
     """Fetch location ``src`` into local folder ``dest``; each file renamed into place once verified, markers
-    last. ``into_empty`` refuses a folder that holds any file (a restore onto a fresh disk)."""
+    last. ``into_empty`` refuses a folder that holds any file (a restore onto a fresh disk). Nothing is
+    written outside ``dest``: an object whose folder there is a symbolic link leading out is refused before
+    any transfer."""
     root = Path(dest)
     if into_empty and root.exists() and any(p.is_file() for p in root.rglob("*")):
         raise CloudSyncError(f"pull: {root} is not empty (a restore goes into an empty folder only)")
@@ -277,6 +287,7 @@ def pull_dir(
         if rel and any(p in ("", ".", "..") for p in rel.split("/")):
             raise CloudSyncError(f"pull: refusing object name {key!r}")
         if rel and flt.wanted(rel):
+            _inside(root, rel)
             items.append((rel, key, info))
 
     def sync_one(item: tuple[str, str, ObjectInfo]) -> Outcome:

@@ -35,9 +35,11 @@ def destination(s: dict[str, Any]) -> str | None:
 
 
 def _engine_files(s: dict[str, Any]) -> tuple[Path, list[str]]:
+    """The output's folder and the engine's names in it, anchored there ('./x'): a push sends, and a restore
+    brings back, only these, never another file of that folder (it may be the user's)."""
     e = s["engine"]
     folder = Path(e["output"]).parent
-    return folder, [Path(e[k]).name for k in ("work", "log", "rejects", "stats")]
+    return folder, [f"./{Path(e[k]).name}" for k in ("work", "log", "rejects", "stats")]
 
 
 def push(s: dict[str, Any], paths: VMPaths, full: bool = True, max_size: int | None = None) -> bool:
@@ -91,7 +93,8 @@ def restore(s: dict[str, Any], paths: VMPaths) -> None:
         return
     log.info("restore: the work disk is new and %s has a checkpoint: restoring it", dest)
     if s["mode"] == "single" and cloud_sync.exists(f"{dest}/output"):
-        cloud_sync.pull_dir(f"{dest}/output", Path(s["engine"]["output"]).parent)
+        folder, names = _engine_files(s)
+        cloud_sync.pull_dir(f"{dest}/output", folder, include=names)
     try:
         cloud_sync.pull_dir(f"{dest}/logs", paths.log_dir)
     except cloud_sync.CloudSyncError as exc:
