@@ -409,7 +409,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch, timm
 t1 = time.perf_counter()
-from building_image_triplet_model import backbone, config, preflight
+from building_image_triplet_model import config
+from building_image_triplet_model.engine.embed import backbone
+from building_image_triplet_model.engine import preflight
 name, size, weights, out, batches = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 cfg = config.from_mapping({"input_dir": "unused", "hdf5_path": out, "feature_model": name, "image_size": size,
                            "pretrained": True, "weights_path": weights, "device": "cpu", "batch_size": 64})

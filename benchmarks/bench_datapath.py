@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 from common import Bench, archives, stat, tars
 
-from building_image_triplet_model import config, index, preflight, sources, tar_reader
-from building_image_triplet_model.decode import ImageReader, Transform, decode
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import index, preflight
+from building_image_triplet_model.engine.embed.decode import ImageReader, Transform, decode
+from building_image_triplet_model.inputs import sources, tar_reader
 
 MODELS = {518: "vit_base_patch14_dinov2.lvd142m", 224: "resnet18"}
 

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from common import Bench, archives, evict, images_in, resident_fraction, stat, tars
 
-from building_image_triplet_model import config, index, machine, sources, tar_reader
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import index, machine
+from building_image_triplet_model.inputs import sources, tar_reader
+from building_image_triplet_model.io.workdir import Layout
 
 
 def run_cat(paths: list[Path]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from common import Bench, stat
 
-from building_image_triplet_model import geo_knn, machine
+from building_image_triplet_model.engine import geo_knn, machine
 
 K = 50
 Q = K + 2  # candidates per target, as geo_knn.query asks the tree (itself + k + one to see ties)

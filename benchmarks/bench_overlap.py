@@ -1,6 +1,6 @@
 """Benchmark: download + embed wall time with the download overlapped with the engine, and without.
 
-Generated archives are served by vm/fileserver.RangeServer on 127.0.0.1 at a throttled rate, and fetched
+Generated archives are served by tools/fileserver.RangeServer on 127.0.0.1 at a throttled rate, and fetched
 by gcp/scripts/download_archives.sh (aria2c, one download at a time: TRIPLET_ARIA2_JOBS=1), which moves each
 archive into the archive folder once it is complete and verified.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 from common import REPO, Bench, archives, data_config, images_in, stat, tars, write_config
 
-from building_image_triplet_model.vm.fileserver import RangeServer
+from tools.fileserver import RangeServer
 
 SCRIPTS = REPO / "gcp" / "scripts"
 

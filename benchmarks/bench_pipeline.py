@@ -40,8 +40,9 @@ def real_batch(folder: Path, transform: Any, n: int) -> Any:
     was slower than these images here)."""
     import numpy as np
 
-    from building_image_triplet_model import index, sources, tar_reader
-    from building_image_triplet_model.decode import ImageReader, decode
+    from building_image_triplet_model.engine import index
+    from building_image_triplet_model.engine.embed.decode import ImageReader, decode
+    from building_image_triplet_model.inputs import sources, tar_reader
 
     tar = sorted(folder.glob("*.tar"))[0]
     arr, _ = index.build_source_index(sources.Source(tar.stem, "tar", tar), tar_reader.DEFAULT_RECORD_BYTES)
@@ -60,9 +61,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One setting: the pipeline ``repeats`` times, then forward-only. Runs in its own process."""
     import torch
 
-    from building_image_triplet_model import backbone, config, machine, pipeline, preflight
-    from building_image_triplet_model.context import Hooks
-    from building_image_triplet_model.decode import Transform
+    from building_image_triplet_model import config
+    from building_image_triplet_model.engine import machine, pipeline, preflight
+    from building_image_triplet_model.engine.context import Hooks
+    from building_image_triplet_model.engine.embed import backbone
+    from building_image_triplet_model.engine.embed.decode import Transform
 
     torch_default = torch.get_num_threads()
     data = dict(spec["data"])

@@ -21,9 +21,10 @@ from typing import Any
 from bench_datapath import transform_for
 from common import Bench, archives, stat, tars
 
-from building_image_triplet_model import decode as decode_mod
-from building_image_triplet_model import index, sources, tar_reader
-from building_image_triplet_model.decode import ImageReader, decode
+from building_image_triplet_model.engine import index
+from building_image_triplet_model.engine.embed import decode as decode_mod
+from building_image_triplet_model.engine.embed.decode import ImageReader, decode
+from building_image_triplet_model.inputs import sources, tar_reader
 
 
 def main() -> None:

@@ -177,7 +177,7 @@ def archives(
     name: str, n: int, targets_per_archive: int, pool: int, seed: int = 1, bad: bool = False
 ) -> Path:
     """Generated archives (real 640x640 JPEG bytes from a pool of distinct ones), built once and reused."""
-    from building_image_triplet_model import sample_data
+    from tools import sample_data
 
     out = BUILD / "archives" / f"{name}_{n}x{targets_per_archive}_p{pool}_s{seed}{'_bad' if bad else ''}"
     if not (out / "planted.json").exists():

@@ -16,7 +16,7 @@ Every figure is the median of repeats with the values kept; a case that would st
 is skipped and says so. Order: bf16 (production) forward-only, the pipeline, bf16 weights, compile, the other
 precisions, decode, so that what matters most runs first. A table is printed last; JSON goes to $OUT when
 set, else build/bench/results. Its ``pipeline_images_per_s`` (an L4 run, not --small) is the rate the cost
-model reads from benchmarks/results/gpu.json (building_image_triplet_model/gpu_rate.py).
+model reads from benchmarks/results/gpu.json (building_image_triplet_model/costs/gpu_rate.py).
 
     python benchmarks/gpu.py [--out DIR] [--budget-s 420]      # on a GPU: the real sizes
     gcp/provision.sh smoke-benchmark                           # the same on the run's L4, --budget-s 900
@@ -42,8 +42,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from common import QUICK_RESULTS, REPO, RESULTS, Bench, median, stat  # noqa: E402
 
-from building_image_triplet_model import backbone, config, machine, pipeline, preflight, sample_data  # noqa: E402
-from building_image_triplet_model.context import Hooks  # noqa: E402
+from building_image_triplet_model import config  # noqa: E402
+from building_image_triplet_model.engine import machine, pipeline, preflight  # noqa: E402
+from building_image_triplet_model.engine.context import Hooks  # noqa: E402
+from building_image_triplet_model.engine.embed import backbone  # noqa: E402
+from tools import sample_data  # noqa: E402
 
 
 def load(data: dict[str, Any]) -> tuple[config.DataConfig, backbone.Backbone]:

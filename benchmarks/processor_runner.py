@@ -76,8 +76,9 @@ def main() -> int:
     def mark(name: str) -> None:
         marks.setdefault(name, round(time.monotonic() - t0, 4))
 
-    from building_image_triplet_model import config, dataset_processor, pipeline  # noqa: F401
-    from building_image_triplet_model.context import Hooks
+    from building_image_triplet_model import config
+    from building_image_triplet_model.engine import pipeline
+    from building_image_triplet_model.engine.context import Hooks
 
     mark("engine_imported")
     if not args.lazy_imports:

@@ -34,20 +34,20 @@ gcp-extract: ## extract GCP_RAW_DIR's archives into GCP_EXTRACT_DIR (members che
 	bash $(GCP_SCRIPTS)/extract_archives.sh --raw-dir $(GCP_RAW_DIR) --extract-dir $(GCP_EXTRACT_DIR)
 
 gcp-preprocess: setup ## run the processor on GCP_CONFIG, then print its status report
-	rc=0; $(RUN) python -m building_image_triplet_model.dataset_processor --config $(GCP_CONFIG) || rc=$$?; \
-	$(RUN) python -m building_image_triplet_model.preprocess_resume --config $(GCP_CONFIG) || true; exit $$rc
+	rc=0; $(RUN) triplet-process --config $(GCP_CONFIG) || rc=$$?; \
+	$(RUN) triplet-status --config $(GCP_CONFIG) || true; exit $$rc
 
 # Made again when the generator changes (the planted items are what the demo's report is checked against).
-$(DRY_RUN_ARCHIVES)/0009.tar: building_image_triplet_model/sample_data.py
+$(DRY_RUN_ARCHIVES)/0009.tar: tools/sample_data.py
 	rm -rf $(DRY_RUN_ARCHIVES)
-	$(RUN) python -m building_image_triplet_model.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3 --bad
+	$(RUN) python -m tools.sample_data --out $(DRY_RUN_ARCHIVES) --archives 3 --bad
 
 # A run complete before this one says so in one line (the job's), without the report: `make dry-run-status`.
 dry-run: setup $(DRY_RUN_ARCHIVES)/0009.tar ## the VM bootstrap end to end on sample archives (aria2c from 127.0.0.1)
 	@command -v aria2c >/dev/null 2>&1 || { echo "aria2c is not installed: make sys-deps"; exit 1; }
 	@mkdir -p $(DRY_RUN_DIR) && rm -f $(DRY_RUN_DIR)/server.url
 	@echo "dry run: disks, bucket and logs under $(DRY_RUN_DIR)/ (TRIPLET_* settings: DRY_RUN_ENV in gcp/gcp.mk)"
-	@$(RUN) python -m building_image_triplet_model.vm.fileserver --root $(DRY_RUN_ARCHIVES) \
+	@$(RUN) python -m tools.fileserver --root $(DRY_RUN_ARCHIVES) \
 		--port-file $(DRY_RUN_DIR)/server.url --rate $(DRY_RUN_RATE) & server=$$!; trap 'kill $$server' EXIT; \
 	for _ in $$(seq 100); do [[ -s $(DRY_RUN_DIR)/server.url ]] && break; sleep 0.1; done; \
 	url=$$(cat $(DRY_RUN_DIR)/server.url); \

@@ -5,10 +5,10 @@ PROVISION_ARGS ?=
 .PHONY: costs costs-docs provision-check provision-test
 
 costs: ## estimate a run's cost (COSTS_ARGS="--images 2e7 --images-per-s 180 [--workers 8]")
-	$(RUN) python -m building_image_triplet_model.costs $(COSTS_ARGS)
+	$(RUN) triplet-costs $(COSTS_ARGS)
 
-costs-docs: ## refresh the generated tables of docs/costs.md from building_image_triplet_model/costs.py
-	$(RUN) python -m building_image_triplet_model.costs --update-doc docs/costs.md
+costs-docs: ## refresh the generated tables of docs/costs.md from building_image_triplet_model/costs/model.py
+	$(RUN) triplet-costs --update-doc docs/costs.md
 
 provision-check: ## print every gcloud command of a first `all` (nothing is contacted)
 	gcp/provision.sh --dry-run $(PROVISION_ARGS) all

@@ -21,7 +21,7 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def reference(archives: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> config.DataConfig:
     """An uninterrupted in-process run over the sample archives: the artifact every other run must equal."""
-    from building_image_triplet_model import pipeline
+    from building_image_triplet_model.engine import pipeline
 
     tmp = tmp_path_factory.mktemp("reference")
     cfg = config.load(tiny_config(tmp, archives[0]))

@@ -20,8 +20,9 @@ import h5py
 import numpy as np
 import yaml
 
-from building_image_triplet_model import config, sample_data
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model import config
+from building_image_triplet_model.io.workdir import Layout
+from tools import sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 

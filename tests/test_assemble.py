@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 from engine_helpers import read_artifact
 
-from building_image_triplet_model import assemble, config, durable, geo_knn, index, plan, records
-from building_image_triplet_model.assemble import Part
-from building_image_triplet_model.emb_store import EmbeddingStore
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import geo_knn, index, plan
+from building_image_triplet_model.engine.artifact import assemble
+from building_image_triplet_model.engine.artifact.assemble import Part
+from building_image_triplet_model.engine.embed.store import EmbeddingStore
+from building_image_triplet_model.inputs import records
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.workdir import Layout
 
 DIM = 6
 NOT_JPEG, DECODE_ERROR = records.REASON_CODE["not_jpeg"], records.REASON_CODE["decode_error"]

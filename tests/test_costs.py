@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from building_image_triplet_model import cost_report, costs
-from building_image_triplet_model.costs import PRICES, Inputs, estimate
+from building_image_triplet_model.costs import cost_report
+from building_image_triplet_model.costs import model as costs
+from building_image_triplet_model.costs.model import PRICES, Inputs, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,7 +265,7 @@ def test_a_preemption_loses_one_embedding_chunk_interval_as_the_engine_does() ->
 
 
 def test_the_default_rate_is_the_estimate_or_a_measurement_and_says_which(tmp_path: Path) -> None:
-    from building_image_triplet_model import gpu_rate
+    from building_image_triplet_model.costs import gpu_rate
 
     missing = gpu_rate.l4_rate(tmp_path / "gpu.json")
     assert (missing.kind, missing.images_per_s) == ("estimated", 135.0)

@@ -1,6 +1,6 @@
 """Kill the processor for real, at moments spread over every step, and resume until it finishes.
 
-Each run is a real subprocess in its own process group. Failpoints (building_image_triplet_model/faults.py)
+Each run is a real subprocess in its own process group. Failpoints (building_image_triplet_model/io/faults.py)
 make the processor send itself a real SIGKILL or SIGTERM at named moments, so every step is hit
 deterministically; other tests kill it from outside at random times. Every resumed run must end with an
 artifact whose arrays equal those of the uninterrupted reference run, exactly.
@@ -18,8 +18,8 @@ import pytest
 from engine_helpers import assert_same_arrays, finish, kill_group, load, tiny_config
 from engine_helpers import start_processor as start
 
-from building_image_triplet_model import status
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io.workdir import Layout
+from building_image_triplet_model.report import status
 
 pytestmark = pytest.mark.slow
 

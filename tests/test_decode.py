@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from building_image_triplet_model.decode import CHANGED, ImageReader, Transform, decode
-from building_image_triplet_model.identity import ModelIdentity
-from building_image_triplet_model.records import REASON_CODE
-from building_image_triplet_model.tar_reader import checksum
+from building_image_triplet_model.engine.embed.decode import CHANGED, ImageReader, Transform, decode
+from building_image_triplet_model.engine.identity import ModelIdentity
+from building_image_triplet_model.inputs.records import REASON_CODE
+from building_image_triplet_model.inputs.tar_reader import checksum
 
 
 def identity(size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic") -> ModelIdentity:

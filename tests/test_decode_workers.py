@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from building_image_triplet_model import config, machine
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from engine_helpers import REPO
 
-from building_image_triplet_model import durable
+from building_image_triplet_model.io import durable
 
 # A child that writes new content over the target; the failpoint kills its whole process group between the
 # temporary file's fsync and the rename.
 WRITER = """
 import sys
-from building_image_triplet_model import durable
+from building_image_triplet_model.io import durable
 for name in sys.argv[2:]:
     durable.write_json(f"{sys.argv[1]}/{name}", {"version": "new", "name": name})
 print("survived", flush=True)

@@ -1,4 +1,4 @@
-"""emb_store.py: one archive's embeddings as immutable chunks of disjoint rows, committed when full."""
+"""embed/store.py: one archive's embeddings as immutable chunks of disjoint rows, committed when full."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from building_image_triplet_model import durable, emb_store, workdir
-from building_image_triplet_model.emb_store import EmbeddingStore
+from building_image_triplet_model.engine.embed import store as emb_store
+from building_image_triplet_model.engine.embed.store import EmbeddingStore
+from building_image_triplet_model.io import durable, workdir
 
 
 def emb_for(rows: np.ndarray, dim: int = 4) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""embed.py: the chunk writer's bookkeeping, and embed_all on real archives with the tiny timm model."""
+"""embed/loader.py: the chunk writer's bookkeeping, embed_all on real archives with the tiny timm model."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from building_image_triplet_model import config, durable, embed, index, workdir
-from building_image_triplet_model.decode import ImageReader
-from building_image_triplet_model.emb_store import EmbeddingStore
-from building_image_triplet_model.embed import ChunkWriter, Work
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import index
+from building_image_triplet_model.engine.embed import loader as embed
+from building_image_triplet_model.engine.embed.decode import ImageReader
+from building_image_triplet_model.engine.embed.loader import ChunkWriter, Work
+from building_image_triplet_model.engine.embed.store import EmbeddingStore
 from building_image_triplet_model.errors import InputError
-from building_image_triplet_model.records import REASON_CODE
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.inputs.records import REASON_CODE
+from building_image_triplet_model.io import durable, workdir
+from building_image_triplet_model.io.workdir import Layout
 
 
 # ------------------------------------------------------------------------------------ the chunk writer
@@ -185,7 +188,8 @@ def test_a_failing_writer_is_reported_to_the_producer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- embed_all, the real model
 @pytest.fixture(scope="module")
 def tiny(reference: config.DataConfig) -> Any:
-    from building_image_triplet_model import backbone, preflight
+    from building_image_triplet_model.engine import preflight
+    from building_image_triplet_model.engine.embed import backbone
 
     return backbone.load(reference, preflight.resolve(reference))
 

@@ -506,7 +506,7 @@ def test_there_are_committed_configs():
 
 
 def test_unset_workers_and_threads_follow_the_cores_this_process_may_use(tmp_path):
-    from building_image_triplet_model import machine
+    from building_image_triplet_model.engine import machine
 
     cores = len(os.sched_getaffinity(0))
     cfg = load(tmp_path)

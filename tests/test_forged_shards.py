@@ -22,9 +22,10 @@ import pytest
 from engine_helpers import assert_same_arrays, load, manifest_of, stats, tiny_config
 from test_scale_out import processor, worker_input
 
-from building_image_triplet_model import durable, pipeline, scale_out, workdir
+from building_image_triplet_model.engine import pipeline, scale_out
 from building_image_triplet_model.exit_codes import Exit
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io import durable, workdir
+from building_image_triplet_model.io.workdir import Layout
 
 pytestmark = pytest.mark.slow
 

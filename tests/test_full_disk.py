@@ -17,7 +17,7 @@ import pytest
 from engine_helpers import assert_same_arrays, finish, load, start_processor, tiny_config
 
 from building_image_triplet_model.exit_codes import Exit
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io.workdir import Layout
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root"),

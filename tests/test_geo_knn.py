@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from building_image_triplet_model import durable, geo_knn, plan, workdir
+from building_image_triplet_model.engine import geo_knn, plan
+from building_image_triplet_model.io import durable, workdir
 
 
 def brute(lat: np.ndarray, lon: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,8 +23,10 @@ from engine_helpers import (
     tiny_config,
 )
 
-from building_image_triplet_model import pipeline, sample_data, status
+from building_image_triplet_model.engine import pipeline
 from building_image_triplet_model.exit_codes import Exit
+from building_image_triplet_model.report import status
+from tools import sample_data
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,15 @@ import pytest
 from engine_helpers import tar_of
 from PIL import Image
 
-from building_image_triplet_model import config, durable, index, records, sample_data, sources
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import index
 from building_image_triplet_model.errors import InputError
-from building_image_triplet_model.records import REJECT_REASONS
-from building_image_triplet_model.tar_reader import DEFAULT_RECORD_BYTES, checksum
-from building_image_triplet_model.workdir import INDEX_VERSION, Layout
+from building_image_triplet_model.inputs import records, sources
+from building_image_triplet_model.inputs.records import REJECT_REASONS
+from building_image_triplet_model.inputs.tar_reader import DEFAULT_RECORD_BYTES, checksum
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.workdir import INDEX_VERSION, Layout
+from tools import sample_data
 
 
 def layout_for(tmp: Path, input_dir: Path) -> Layout:

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from engine_helpers import assert_same_arrays, load, stats, tiny_config
 
-from building_image_triplet_model import pipeline, tar_reader
+from building_image_triplet_model.engine import pipeline
 from building_image_triplet_model.errors import InputError
 from building_image_triplet_model.exit_codes import Exit
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.inputs import tar_reader
+from building_image_triplet_model.io.workdir import Layout
 
 
 def copy_archives(archives: tuple[Path, dict], tmp: Path) -> Path:
@@ -205,8 +206,9 @@ def test_zeros_over_the_last_members_are_refused_or_surface_as_rejects(tmp_path)
     header (or in a data block's padding) and fit in one record of padding cannot be told from a complete
     archive by any byte: then what they removed is whole members, and every pair they reached is a reject
     (its partner is an orphan), never lost silently. No pair of the dataset's images fits in one record."""
-    from building_image_triplet_model import index, sample_data
-    from building_image_triplet_model.sources import list_sources
+    from building_image_triplet_model.engine import index
+    from building_image_triplet_model.inputs.sources import list_sources
+    from tools import sample_data
 
     record = tar_reader.DEFAULT_RECORD_BYTES
     folder = tmp_path / "clean"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from building_image_triplet_model import manifest, work_split
-from building_image_triplet_model.manifest import ManifestError
+from building_image_triplet_model.inputs import manifest, work_split
+from building_image_triplet_model.inputs.manifest import ManifestError
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "data" / "downloads" / "raw_archives.txt"
@@ -30,7 +30,7 @@ DATASET = _NAMES.split()
 def run_split(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.endswith("TASK_INDEX") and "TASK_COUNT" not in k}
     return subprocess.run(
-        [sys.executable, "-m", "building_image_triplet_model.work_split", *args],
+        [sys.executable, "-m", "building_image_triplet_model.inputs.work_split", *args],
         cwd=REPO,
         env={**full_env, **(env or {})},
         capture_output=True,

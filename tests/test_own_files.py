@@ -18,7 +18,7 @@ import pytest
 from engine_helpers import load, make_archives, run_cli, stats, tiny_config
 
 from building_image_triplet_model.errors import ConfigError
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io.workdir import Layout
 
 # Imported inside the tests that use them, so that the tests of whole processes also run (and fail) on the
 # release before these modules' names existed.
@@ -26,12 +26,12 @@ OWNER_MARKER = "work_folder.json"  # workdir.OWNER_MARKER: checked by test_the_m
 
 
 def own() -> ModuleType:
-    """building_image_triplet_model.ownership"""
-    return importlib.import_module("building_image_triplet_model.ownership")
+    """building_image_triplet_model.engine.ownership"""
+    return importlib.import_module("building_image_triplet_model.engine.ownership")
 
 
 def test_the_marker_is_the_layouts(tmp_path: Path) -> None:
-    from building_image_triplet_model.workdir import OWNER_MARKER as name
+    from building_image_triplet_model.io.workdir import OWNER_MARKER as name
 
     _, layout = load(tiny_config(tmp_path, tmp_path / "in"))
     assert name == OWNER_MARKER and layout.owner_marker == layout.work / name

@@ -8,11 +8,13 @@ import h5py
 import numpy as np
 from engine_helpers import load, read_artifact, run_cli, stats, tiny_config
 
-from building_image_triplet_model import config, geo_knn, pipeline, preflight, tar_reader
-from building_image_triplet_model.context import Hooks
-from building_image_triplet_model.decode import ImageReader
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import geo_knn, pipeline, preflight
+from building_image_triplet_model.engine.context import Hooks
+from building_image_triplet_model.engine.embed.decode import ImageReader
 from building_image_triplet_model.exit_codes import Exit
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.inputs import tar_reader
+from building_image_triplet_model.io.workdir import Layout
 
 
 def test_trainer_contract(reference):
@@ -149,7 +151,7 @@ def test_local_safetensors_weights_are_loaded_for_real(archives, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from building_image_triplet_model import backbone, decode
+    from building_image_triplet_model.engine.embed import backbone, decode
 
     torch.manual_seed(123)
     model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
@@ -184,7 +186,8 @@ def test_transform_matches_timms_eval_transform(archives):
     from PIL import Image
     from timm.data import create_transform, resolve_model_data_config
 
-    from building_image_triplet_model import decode, identity
+    from building_image_triplet_model.engine import identity
+    from building_image_triplet_model.engine.embed import decode
 
     model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0)
     dc = resolve_model_data_config(model)
@@ -231,7 +234,7 @@ def test_transform_matches_timms_eval_transform(archives):
 def test_fixed_size_vit_at_another_image_size(tmp_path):
     import torch
 
-    from building_image_triplet_model import backbone
+    from building_image_triplet_model.engine.embed import backbone
 
     cfg = config.from_mapping(
         {
@@ -260,7 +263,8 @@ def test_resume_embeds_only_what_is_missing_without_reading_the_rest(archives, t
             stop.set()
 
     assert pipeline.execute(cfg, stop=stop, hooks=Hooks(on_chunk=on_chunk)) == Exit.INTERRUPTED
-    from building_image_triplet_model import durable, index
+    from building_image_triplet_model.engine import index
+    from building_image_triplet_model.io import durable
 
     cache = index.load_cache(layout)
     plan = durable.read_npz(layout.plan)

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from building_image_triplet_model import config, plan, records
+from building_image_triplet_model import config
+from building_image_triplet_model.engine import plan
+from building_image_triplet_model.inputs import records
 
 
 def fake_index(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import REPO, load, manifest_of, run_cli, tiny_config
 
-from building_image_triplet_model import pipeline
+from building_image_triplet_model.engine import pipeline
 from building_image_triplet_model.exit_codes import Exit
 
 
@@ -230,7 +230,7 @@ def trainer_cfg(tmp_path: Path, archives_dir: Path, model_section: object, **dat
     ],
 )
 def test_the_trainers_width_is_checked_against_the_embeddings(archives, tmp_path, section, mismatch):
-    from building_image_triplet_model import preflight
+    from building_image_triplet_model.engine import preflight
 
     cfg = trainer_cfg(tmp_path, archives[0], section)
     notes = preflight.resolve(cfg).notes
@@ -242,7 +242,8 @@ def test_the_trainers_width_is_checked_against_the_embeddings(archives, tmp_path
 
 
 def test_without_the_trainers_model_section_nothing_is_compared(archives, tmp_path):
-    from building_image_triplet_model import config, preflight
+    from building_image_triplet_model import config
+    from building_image_triplet_model.engine import preflight
 
     cfg = config.load(tiny_config(tmp_path, archives[0]))
     assert cfg.trainer is None and preflight.resolve(cfg).notes == ()
@@ -254,7 +255,8 @@ def test_the_width_is_what_the_model_returns_not_num_features(archives, tmp_path
     import timm
     import torch
 
-    from building_image_triplet_model import config, preflight
+    from building_image_triplet_model import config
+    from building_image_triplet_model.engine import preflight
 
     cfg = config.load(tiny_config(tmp_path, archives[0], feature_model="mobilenetv3_small_050"))
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0).eval()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from building_image_triplet_model import progress
-from building_image_triplet_model.progress import Progress
+from building_image_triplet_model.io import progress
+from building_image_triplet_model.io.progress import Progress
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \w+\[\d+\]: ")
 
@@ -75,7 +75,7 @@ def test_off_a_terminal_one_line_per_interval(tmp_path, clock, caplog):
 
 def test_on_a_terminal_log_lines_go_above_the_bar(tmp_path, capsys):
     progress.setup_logging()
-    log = logging.getLogger("building_image_triplet_model.steps")
+    log = logging.getLogger("building_image_triplet_model.engine.steps")
     p = make(tmp_path, bars=True)
     with p.console():
         p.start("embed", total=10, unit="images")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from building_image_triplet_model import records
-from building_image_triplet_model.records import RejectError, parse_d_line
+from building_image_triplet_model.inputs import records
+from building_image_triplet_model.inputs.records import RejectError, parse_d_line
 
 FIELDS = [
     "88",  # DatasetID

@@ -13,8 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from building_image_triplet_model import config, report_page, status
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model import config
+from building_image_triplet_model.io.workdir import Layout
+from building_image_triplet_model.report import report_page, status
 
 
 @dataclass

@@ -4,7 +4,8 @@ from collections import Counter
 
 from PIL import Image
 
-from building_image_triplet_model import records, sample_data
+from building_image_triplet_model.inputs import records
+from tools import sample_data
 
 
 def test_upstream_layout(archives):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from engine_helpers import REPO, assert_same_arrays, load, manifest_of, tiny_config
 
-from building_image_triplet_model import work_split
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.inputs import work_split
+from building_image_triplet_model.io.workdir import Layout
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 from engine_helpers import tar_of
 from PIL import Image
 
-from building_image_triplet_model import sources, tar_reader
 from building_image_triplet_model.errors import InputError
-from building_image_triplet_model.sources import ROOT_SOURCE, list_sources, walk
+from building_image_triplet_model.inputs import sources, tar_reader
+from building_image_triplet_model.inputs.sources import ROOT_SOURCE, list_sources, walk
 
 REPO = Path(__file__).resolve().parents[1]
 D_LINE = b"d 88 1 2 3 40.75 -73.98 12.5 0.1 0.99 0.0 40.7501 -73.9801 2.5 20.0 185.0 5.0 0.0\n"

@@ -10,9 +10,10 @@ from typing import Any
 
 from engine_helpers import run_cli, tiny_config
 
-from building_image_triplet_model import config, sample_data
+from building_image_triplet_model import config
 from building_image_triplet_model.exit_codes import Exit
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io.workdir import Layout
+from tools import sample_data
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from building_image_triplet_model import tar_reader
-from building_image_triplet_model.tar_reader import BLOCK, DEFAULT_RECORD_BYTES, TarError, TarReader
+from building_image_triplet_model.inputs import tar_reader
+from building_image_triplet_model.inputs.tar_reader import BLOCK, DEFAULT_RECORD_BYTES, TarError, TarReader
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_DIR = "a_folder_name_that_is_long/" * 3  # 81 characters

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from engine_helpers import REPO
 
-from building_image_triplet_model import config, durable, workdir
+from building_image_triplet_model import config
 from building_image_triplet_model.errors import LockedError, RunError
-from building_image_triplet_model.workdir import Layout
+from building_image_triplet_model.io import durable, workdir
+from building_image_triplet_model.io.workdir import Layout
 
 
 def layout_for(tmp: Path, **extra: str) -> Layout:
@@ -282,7 +283,7 @@ def test_remove_stale_keys_keeps_the_current_key_and_files(tmp_path: Path) -> No
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from building_image_triplet_model.workdir import RunLock
+from building_image_triplet_model.io.workdir import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.__enter__()
 if sys.argv[2] == "fork":
@@ -298,7 +299,7 @@ time.sleep(60)
 TRY = """
 import sys
 from pathlib import Path
-from building_image_triplet_model.workdir import RunLock
+from building_image_triplet_model.io.workdir import RunLock
 from building_image_triplet_model.errors import LockedError, RunError
 try:
     with RunLock(Path(sys.argv[1])):

@@ -21,8 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from building_image_triplet_model.io.progress import setup_logging, utc_now
+
 from ..exit_codes import Exit
-from ..progress import setup_logging, utc_now
 from . import checkpoint, settings
 from .paths import VMPaths
 from .phases import PHASES, PREEMPTIONS, PREFLIGHT, Markers, describe

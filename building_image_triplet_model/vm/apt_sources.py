@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .. import durable
+from building_image_triplet_model.io import durable
 
 _DEBIAN_URI = re.compile(
     r"(deb\.debian\.org|security\.debian\.org|ftp\.[a-z.]*debian\.org|/debian(-security)?/?)"

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import cloud_sync
+from building_image_triplet_model.remote import cloud_sync
+
 from .paths import VMPaths
 from .phases import Markers
 

@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from building_image_triplet_model.inputs import manifest
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.workdir import Layout
+
 from .. import config as engine_config
-from .. import durable, manifest
-from ..workdir import Layout
 from . import settings as vm_settings
 from .paths import VMPaths
 
@@ -56,7 +58,7 @@ def _task(mode: str, env: Mapping[str, str]) -> dict[str, int]:
 
 def _fetch(uri: str, dest: Path, repo: Path) -> None:
     if uri.startswith("gs://"):
-        from .. import cloud_sync
+        from building_image_triplet_model.remote import cloud_sync
 
         cloud_sync.download_file(uri, dest)
         return
@@ -123,10 +125,10 @@ def effective_yaml(
 
 
 def local_weights(uri: str, paths: VMPaths, where: str) -> Path:
-    """data.weights_path in the bucket (put there once by ``python -m building_image_triplet_model.weights``):
+    """data.weights_path in the bucket (put there once by ``triplet-weights``):
     downloaded to the work disk once, CRC32C-checked, so that no worker asks the hub; the engine loads the
     local file, and the model key (the weights' SHA-256) is the one the hub's file gives."""
-    from .. import cloud_sync
+    from building_image_triplet_model.remote import cloud_sync
 
     parts = uri.removeprefix("gs://").split("/")
     name_ok = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

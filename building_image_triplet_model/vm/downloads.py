@@ -25,9 +25,11 @@ import os
 import sys
 from pathlib import Path
 
-from .. import durable, manifest, sources
+from building_image_triplet_model.inputs import manifest, sources
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
+
 from ..errors import InputError
-from ..progress import utc_now
 
 STATE = ".triplet-downloads"
 STAGING = f"{STATE}/partial"

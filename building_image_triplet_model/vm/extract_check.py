@@ -13,8 +13,9 @@ import re
 import sys
 from pathlib import Path, PurePosixPath
 
-from .. import durable, tar_reader
-from ..progress import utc_now
+from building_image_triplet_model.inputs import tar_reader
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
 
 
 def _norm(path: str) -> PurePosixPath | None:

@@ -10,11 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
+
 from .. import config as engine_config
-from .. import durable
 from ..errors import BackboneError
 from ..exit_codes import Exit
-from ..progress import utc_now
 from . import gpu_stack
 from .paths import VMPaths
 from .phases import PREFLIGHT, Markers
@@ -29,7 +30,7 @@ def nvidia_present(pci: Path = Path("/sys/bus/pci/devices")) -> bool:
 
 
 def run(s: dict[str, Any], paths: VMPaths) -> int:
-    from .. import preflight
+    from building_image_triplet_model.engine import preflight
 
     markers = Markers(paths.state_dir)
     checks = int(markers.get(PREFLIGHT).get("checks", 0)) + 1

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import durable, exit_codes
+from building_image_triplet_model import exit_codes
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
+
 from ..exit_codes import TERM_EXIT
-from ..progress import utc_now
 from . import checkpoint, publish
 from .paths import VMPaths
 from .phases import DONE, PHASES, Markers
@@ -158,7 +160,7 @@ class Job:
         full = self.paths.config_dir / "manifest.txt"
         if self.s["mode"] != "worker":
             return full
-        from .. import manifest, work_split
+        from building_image_triplet_model.inputs import manifest, work_split
 
         mine = work_split.share_entries(
             manifest.load(full, self.paths.repo_dir), (self.s["task-index"], self.s["task-count"])

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import durable
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
+
 from ..exit_codes import INTERRUPTED_CODES
-from ..progress import utc_now
 
 PHASES = ("download", "extract", "preprocess", "finalize")
 DONE, PREFLIGHT, PREEMPTIONS = "done", "preflight", "preemptions"

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import cloud_sync, durable
-from ..progress import utc_now
+from building_image_triplet_model.io import durable
+from building_image_triplet_model.io.progress import utc_now
+from building_image_triplet_model.remote import cloud_sync
 
 log = logging.getLogger(__name__)
 

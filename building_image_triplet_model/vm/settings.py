@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import durable
+from building_image_triplet_model.io import durable
 
 _GS = r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~=+@,-]+)*/?"
 _LOCAL = r"/?[A-Za-z0-9._~=+@,-]+(/[A-Za-z0-9._~=+@,-]+)*/?"

@@ -9,7 +9,7 @@
 # The raw bucket's folder for the archives, and where the mirror's manifest (entries read from there) goes.
 MIRROR_PREFIX=archives
 # Where the smoke benchmark's figures go in the bucket, and where the cost model reads them here
-# (building_image_triplet_model/gpu_rate.py).
+# (building_image_triplet_model/costs/gpu_rate.py).
 BENCH_OBJECT=benchmarks/gpu.json
 BENCH_LOCAL=benchmarks/results/gpu.json
 
@@ -38,7 +38,7 @@ do_mirror() {
 	manifest=$(repo_path "${CFG[MANIFEST_SOURCE]:-data/downloads/raw_archives.txt}")
 	[[ -f $manifest ]] || ((DRY_RUN)) || die "MANIFEST_SOURCE $manifest does not exist"
 	mirrored="${CFG[MANIFEST_URI]%.txt}.mirror.txt"
-	run_python mirror --manifest "$manifest" --to "gs://${CFG[RAW_BUCKET]}/$MIRROR_PREFIX" \
+	run_python remote.mirror --manifest "$manifest" --to "gs://${CFG[RAW_BUCKET]}/$MIRROR_PREFIX" \
 		--work "$PROVISION_REPO/build/mirror" --out-manifest "$PROVISION_REPO/build/mirror/manifest.mirror.txt" \
 		--upload-manifest "$mirrored"
 	note "to read the archives from the bucket, set MANIFEST_URI=$mirrored (gcp/provision.conf), then run template and mig (or batch_submit.sh submit)"
@@ -47,7 +47,7 @@ do_mirror() {
 do_weights() {
 	step "weights"
 	require_bucket "${CFG[PROCESSED_BUCKET]}"
-	run_python weights --config "$(repo_path "${CFG[PREPROCESS_CONFIG]}")" --to "gs://${CFG[PROCESSED_BUCKET]}/weights"
+	run_python remote.weights --config "$(repo_path "${CFG[PREPROCESS_CONFIG]}")" --to "gs://${CFG[PROCESSED_BUCKET]}/weights"
 }
 
 # The group's VM (its name has a suffix) or the single VM.
@@ -73,7 +73,7 @@ do_smoke_benchmark() {
 	local object="$RUN_CKPT_URI/$BENCH_OBJECT"
 	local remote="set -e; sudo systemctl stop triplet-preprocess.service 2>/dev/null || true; cd /mnt/work/repo; "
 	remote+="sudo .venv/bin/python benchmarks/gpu.py --out /mnt/work/bench --budget-s 900; "
-	remote+="sudo .venv/bin/python -m building_image_triplet_model.cloud_sync cp /mnt/work/bench/gpu.json $object; "
+	remote+="sudo .venv/bin/triplet-sync cp /mnt/work/bench/gpu.json $object; "
 	remote+="sudo google_metadata_script_runner startup"
 	gc_run compute ssh "$RUN_VM" "${PZ[@]}" --command="$remote"
 	gc_run storage cp "$object" "$(repo_path "$BENCH_LOCAL")" "${P[@]}"
@@ -83,5 +83,5 @@ do_smoke_benchmark() {
 do_fetch() {
 	step "fetch"
 	require_bucket "${CFG[PROCESSED_BUCKET]}"
-	run_python fetch_result "$RUN_CKPT_URI" "${ARGS[0]:-$PROVISION_REPO/build/results/${CFG[RUN_ID]}}"
+	run_python remote.fetch_result "$RUN_CKPT_URI" "${ARGS[0]:-$PROVISION_REPO/build/results/${CFG[RUN_ID]}}"
 }

@@ -3,7 +3,7 @@
 #
 #   download_archives.sh --manifest PATH|gs://URI --dir RAW_DIR [--summary-json FILE] [--verify-only]
 #
-# The manifest is aria2c's input format, read strictly (building_image_triplet_model/manifest.py: only
+# The manifest is aria2c's input format, read strictly (building_image_triplet_model/inputs/manifest.py: only
 # out= and checksum= options, since aria2c options can run commands). A gs:// manifest is fetched once into
 # RAW_DIR/.triplet-downloads/manifests/.
 #
@@ -55,7 +55,7 @@ if [[ "$MANIFEST" == gs://* ]]; then
   if [[ ! -s "$local_manifest" ]]; then
     mkdir -p "$STATE/manifests"
     log "fetching manifest $MANIFEST"
-    retry 4 vm cloud_sync cp "$MANIFEST" "$local_manifest" || die "cannot fetch the manifest $MANIFEST"
+    retry 4 vm remote.cloud_sync cp "$MANIFEST" "$local_manifest" || die "cannot fetch the manifest $MANIFEST"
   fi
   MANIFEST="$local_manifest"
 elif [[ "$MANIFEST" != /* && ! -f "$MANIFEST" && -f "$TRIPLET_REPO_DIR/$MANIFEST" ]]; then
@@ -141,7 +141,7 @@ while :; do
     printf '%s\n' "${pending[@]}" | grep -qxF -- "${OUT[$i]}" || continue
     case "${KIND[$i]}" in
       file) copy_file "${SRC[$i]}" "${OUT[$i]}" && commit "${OUT[$i]}" "${URI[$i]}" || true ;;
-      gs) retry 3 vm cloud_sync cp "${URI[$i]}" "$STATE/partial/${OUT[$i]}" && commit "${OUT[$i]}" "${URI[$i]}" || true ;;
+      gs) retry 3 vm remote.cloud_sync cp "${URI[$i]}" "$STATE/partial/${OUT[$i]}" && commit "${OUT[$i]}" "${URI[$i]}" || true ;;
       http) http_outs+=("${OUT[$i]}") http_uris+=("${URI[$i]}") ;;
     esac
   done

@@ -3,7 +3,7 @@
 #
 # - One log format for the whole project: "<UTC time>Z <tag>[<pid>]: [WARNING: |ERROR: ]message" on stderr
 #   (the journal, the serial console) and, once the work disk is mounted, in $TRIPLET_LOG_FILE. The Python
-#   side writes the same lines (building_image_triplet_model/progress.py).
+#   side writes the same lines (building_image_triplet_model/io/progress.py).
 # - Values from instance metadata are read by Python (building_image_triplet_model/vm/settings.py), checked
 #   against strict patterns, and only ever passed on as quoted arguments: never eval'd or sourced.
 # shellcheck shell=bash

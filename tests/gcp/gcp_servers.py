@@ -1,6 +1,6 @@
 """The GCE metadata server stand-in for the bootstrap tests: the real protocol on 127.0.0.1 (a free port, a
 daemon thread of the test process). The tests' HTTP file server is the package's own
-``building_image_triplet_model.vm.fileserver.RangeServer``.
+``tools.fileserver.RangeServer``.
 """
 
 from __future__ import annotations

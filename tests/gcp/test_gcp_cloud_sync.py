@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from gcp_helpers import REPO, Emulator
 
-from building_image_triplet_model import cloud_sync
-from building_image_triplet_model.cloud_sync import (
+from building_image_triplet_model.remote import cloud_sync
+from building_image_triplet_model.remote.cloud_sync import (
     ChecksumMismatchError,
     CloudSyncError,
     crc32c_of_file,
@@ -203,7 +203,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "building_image_triplet_model.cloud_sync", *args],
+        [sys.executable, "-m", "building_image_triplet_model.remote.cloud_sync", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         input=stdin,
@@ -247,7 +247,7 @@ def test_cli(tmp_path: Path, gcs_emulator: Emulator) -> None:
 def test_import_is_light() -> None:
     """The bash helpers and the status report import cloud_sync: no torch, no google.cloud until gs://."""
     r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import building_image_triplet_model.cloud_sync"],
+        [sys.executable, "-X", "importtime", "-c", "import building_image_triplet_model.remote.cloud_sync"],
         cwd=REPO,
         capture_output=True,
         text=True,

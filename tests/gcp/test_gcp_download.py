@@ -23,7 +23,7 @@ from gcp_helpers import (
     write_manifest,
 )
 
-from building_image_triplet_model.vm.fileserver import RangeServer
+from tools.fileserver import RangeServer
 
 pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c not installed (make sys-deps)")
 
@@ -151,7 +151,7 @@ def test_file_and_gs_entries_and_a_gs_manifest(tmp_path: Path, gcs_emulator: Emu
         absolute = Path(shutil.move(absolute, tmp_path / absolute.name))
         in_bucket = Path(shutil.move(in_bucket, tmp_path / in_bucket.name))
         name = gcs_emulator.new_bucket()
-        from building_image_triplet_model import cloud_sync
+        from building_image_triplet_model.remote import cloud_sync
 
         cloud_sync.upload_file(in_bucket, f"gs://{name}/archives/{in_bucket.name}")
         m = write_manifest(

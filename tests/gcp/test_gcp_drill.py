@@ -34,8 +34,8 @@ from gcp_helpers import (
 )
 from gcp_servers import MetadataServer
 
-from building_image_triplet_model.vm.fileserver import RangeServer
 from building_image_triplet_model.vm.phases import PHASES
+from tools.fileserver import RangeServer
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from gcp_helpers import Emulator
 
-from building_image_triplet_model import cloud_sync, config, fetch_result
+from building_image_triplet_model import config
+from building_image_triplet_model.io.workdir import Layout
+from building_image_triplet_model.remote import cloud_sync, fetch_result
 from building_image_triplet_model.vm import publish
-from building_image_triplet_model.workdir import Layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_a_finished_run_is_fetched_verified_and_said_where(
     dest = tmp_path / "results"
     env = {**os.environ, **gcs_emulator.env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "building_image_triplet_model.fetch_result", run, str(dest)],
+        [sys.executable, "-m", "building_image_triplet_model.remote.fetch_result", run, str(dest)],
         capture_output=True,
         text=True,
         env=env,

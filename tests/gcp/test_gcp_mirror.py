@@ -14,8 +14,8 @@ import pytest
 from engine_helpers import REPO, kill_group
 from gcp_helpers import Emulator, sample_archives, script_env, wait_group_gone, write_manifest
 
-from building_image_triplet_model import manifest
-from building_image_triplet_model.vm.fileserver import RangeServer
+from building_image_triplet_model.inputs import manifest
+from tools.fileserver import RangeServer
 
 pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c not installed (make sys-deps)")
 STAGING = Path(".triplet-downloads") / "partial" / "dataset_unaligned"
@@ -25,7 +25,7 @@ def mirror_cmd(m: Path, to: str, tmp_path: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "building_image_triplet_model.mirror",
+        "building_image_triplet_model.remote.mirror",
         "--manifest",
         str(m),
         "--to",

@@ -36,7 +36,7 @@ from gcp_helpers import (
 )
 from gcp_servers import MetadataServer
 
-from building_image_triplet_model.vm.fileserver import RangeServer
+from tools.fileserver import RangeServer
 
 pytestmark = [
     pytest.mark.slow,

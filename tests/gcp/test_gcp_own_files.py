@@ -11,8 +11,8 @@ import pytest
 import yaml
 from gcp_helpers import Emulator, run_script, sample_archives, script_env, write_manifest
 
-from building_image_triplet_model import cloud_sync
-from building_image_triplet_model.cloud_sync import CloudSyncError
+from building_image_triplet_model.remote import cloud_sync
+from building_image_triplet_model.remote.cloud_sync import CloudSyncError
 
 
 def sha256s(root: Path) -> dict[str, str]:

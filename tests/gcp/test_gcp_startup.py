@@ -32,8 +32,8 @@ from gcp_helpers import (
 )
 from gcp_servers import MetadataServer
 
-from building_image_triplet_model.cloud_sync import crc32c_of_file
-from building_image_triplet_model.vm.fileserver import RangeServer
+from building_image_triplet_model.remote.cloud_sync import crc32c_of_file
+from tools.fileserver import RangeServer
 
 
 def flow_env(tmp: Path, **extra: str) -> dict[str, str]:

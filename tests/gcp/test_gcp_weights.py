@@ -17,7 +17,7 @@ from gcp_helpers import Emulator
 from test_hub_weights import REPO_ID, HubStandIn, hub_env, weights
 
 from building_image_triplet_model import config as engine_config
-from building_image_triplet_model import preflight
+from building_image_triplet_model.engine import preflight
 from building_image_triplet_model.vm import config_step
 from building_image_triplet_model.vm.paths import VMPaths
 
@@ -37,7 +37,15 @@ def test_the_weights_are_fetched_once_and_every_worker_reads_the_bucket(
     cfg = tiny_config(tmp_path, tmp_path, pretrained=True)
     to = f"gs://{bucket}/weights"
     env = {**os.environ, **gcs_emulator.env(), **hub_env(tmp_path, hub.endpoint)}
-    cmd = [sys.executable, "-m", "building_image_triplet_model.weights", "--config", str(cfg), "--to", to]
+    cmd = [
+        sys.executable,
+        "-m",
+        "building_image_triplet_model.remote.weights",
+        "--config",
+        str(cfg),
+        "--to",
+        to,
+    ]
     try:
         r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -46,7 +46,7 @@ def main() -> int:
     if os.environ.get("FAKE_ENGINE_EXIT"):
         return int(os.environ["FAKE_ENGINE_EXIT"])
     if args.follow:
-        from building_image_triplet_model import manifest, work_split
+        from building_image_triplet_model.inputs import manifest, work_split
 
         names = manifest.archives(data["manifest"])
         if args.task_count is not None:
