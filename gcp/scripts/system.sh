@@ -116,14 +116,16 @@ enable_nonfree() {
 # The headers of kernel release $1, for DKMS to build the module against. Where Debian's archive keeps none
 # for it (an image booting an older kernel ABI), the current kernel of its flavour and that kernel's headers
 # instead: DKMS builds the module for THAT kernel, and TRIPLET_KERNEL_CHANGED=1 says that only a reboot into
-# it loads the driver. The flavour's header package in both cases: a kernel update brings its headers along.
+# it loads the driver. Not the flavour's header package beside the running kernel's: it would bring a newer
+# ABI's headers, and DKMS would build the module a second time for a kernel that is not installed (the
+# kernel is held, so no update needs them).
 install_kernel_headers() {
   local release=$1 flavour
   flavour="$(kernel_flavour "$release")"
   TRIPLET_KERNEL_CHANGED=0
   if apt_has "linux-headers-$release"; then
     log "system: installing the headers of kernel $release"
-    apt_install_only "linux-headers-$release" "linux-headers-$flavour"
+    apt_install_only "linux-headers-$release"
   else
     warn "system: Debian's archive keeps no linux-headers-$release (the image boots an older kernel ABI);" \
       "installing the current $flavour kernel and its headers (the driver loads after one reboot)"
