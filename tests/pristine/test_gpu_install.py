@@ -27,6 +27,11 @@ def test_the_bootstraps_driver_set_installs_libcuda_without_xorg_and_holds_it(tm
     before = installed(root)
     assert "libcuda1" not in before and "python3" in before
 
+    # What the system step would install beside the driver on GCE's image: Python.h (python3-dev) and gcc
+    # among them, for compile: true.
+    r = run_system_sh(root, "missing_base_packages", timeout=120)
+    assert r.stdout.split() == ["aria2", "git", "python3-venv", "python3-dev", "gcc"], r.stderr
+
     r = run_system_sh(root, "enable_nonfree; install_driver_set", DEBIAN_FRONTEND="noninteractive")
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     after = installed(root)
