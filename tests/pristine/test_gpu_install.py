@@ -4,7 +4,7 @@ Debian 12 root with real apt against this machine's Debian mirror. Asking apt fo
 installing: this test installs, then looks at what dpkg put on the disk.
 
 The kernel module's DKMS build against the cloud kernel's headers is `make gpu-stack-check`
-(tests/pristine/gpu_stack_check.py; result in benchmarks/results/gpu_stack_check.json): too long for CI.
+(tests/pristine/gpu_stack_check.py; result in docs/gpu_stack_check.json): too long for CI.
 """
 
 from __future__ import annotations
