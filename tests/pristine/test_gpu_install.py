@@ -20,7 +20,7 @@ from pristine import root as pristine
 from pristine.bootstrap import REPO, installed, run_system_sh, system_sh_array
 
 
-@pytest.mark.slow  # ~2-3 min on 2 cores (a fresh root, apt update, ~45 packages); +5 min for the root once
+@pytest.mark.slow  # 1-3.5 min on 2 shared cores (fresh root, apt, 58 packages); +5 min for the root once
 def test_the_bootstraps_driver_set_installs_libcuda_without_xorg_and_holds_it(tmp_path: Path) -> None:
     root = pristine.fresh_root_or_skip(tmp_path / "root")
     packages = system_sh_array("NVIDIA_DRIVER_PACKAGES")

@@ -35,7 +35,7 @@ def test_the_cache_is_keyed_by_the_recipe() -> None:
     assert pristine.tarball_path(r) != pristine.tarball_path({**r, "packages": [*r["packages"], "git"]})
 
 
-@pytest.mark.slow  # ~3 min the first time (debootstrap), then ~20 s per fresh copy
+@pytest.mark.slow  # ~5 min the first time (debootstrap), then 10-25 s per fresh copy
 def test_a_fresh_root_is_gce_debian_12_and_its_chroot_stays_inside(tmp_path: Path) -> None:
     root = pristine.fresh_root_or_skip(tmp_path / "root")
     assert (root / "etc/debian_version").read_text().startswith("12.")
