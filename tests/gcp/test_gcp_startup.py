@@ -643,3 +643,36 @@ def test_a_preemption_while_both_run_resumes_both(
     assert {q.path for q in range_server.requests[n_before:]} == {f"/{archives[1].name}"}
     for a in archives:
         assert (archive_dir / a.name).read_bytes() == a.read_bytes()
+
+
+def test_sigterm_to_the_units_main_pid_alone_stops_the_job_and_records_it(
+    tmp_path: Path, range_server: RangeServer
+) -> None:
+    """A stop as systemd makes it with KillMode=mixed: SIGTERM to the unit's main process alone (what
+    systemd-run started, `startup_preprocess.sh job`), then SIGKILL to everything left once it has exited.
+    The job must get the signal, stop the download and the engine, and record the interruption."""
+    archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
+    range_server.rate = archives[0].stat().st_size // 2  # ~2 s per archive: both phases still run
+    env = http_flow_env(tmp_path, range_server, [a.name for a in archives])
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / "unit.log"
+    proc = start_script("startup_preprocess.sh", "job", env=env, log=log)
+    work = tmp_path / "work"
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "starts.txt").exists() and range_server.requests):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert marker(work, "download")["status"] == marker(work, "preprocess")["status"] == "running"
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        kill_group(proc, signal.SIGKILL)  # KillMode=mixed: what is left after the main process is killed
+        proc.wait(30)
+    assert code == 143, log.read_text()
+    assert (marker(work, "download")["status"], marker(work, "preprocess")["status"]) == (
+        "interrupted",
+        "interrupted",
+    ), log.read_text()
+    assert "SIGTERM: stopping" in log.read_text()
