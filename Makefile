@@ -19,8 +19,9 @@ setup: ## install uv (pinned) and the locked environment (.venv)
 		$(PYTHON) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"; fi
 	$(UV) sync --frozen
 
-sys-deps: ## Debian packages the tests and the dry run use (aria2, curl; git, e2fsprogs, util-linux are standard)
-	@missing=""; for pair in aria2c:aria2 curl:curl git:git mkfs.ext4:e2fsprogs losetup:util-linux; do \
+sys-deps: ## Debian packages the tests and the dry run use (aria2, curl, debootstrap, systemd-nspawn; git, e2fsprogs, util-linux are standard)
+	@missing=""; for pair in aria2c:aria2 curl:curl git:git mkfs.ext4:e2fsprogs losetup:util-linux \
+		debootstrap:debootstrap systemd-nspawn:systemd-container; do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd=sudo; \
@@ -46,6 +47,10 @@ lint: setup ## ruff (lint and format check) and shellcheck on every script
 format: setup ## apply ruff's formatting and safe fixes
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
+
+.PHONY: pristine-root
+pristine-root: sys-deps ## build (once) the pristine Debian 12 root the slow tests copy (~3 min; build/pristine/)
+	$(PYTHON) tests/pristine/root.py
 
 .PHONY: bench bench-quick bench-record bench-gpu-small
 bench: setup sys-deps ## every benchmark (~20 min on 2 cores); figures in build/bench/results/ (tracked files untouched)
