@@ -15,6 +15,7 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,29 @@ def unshare_skip_reason(*tools: str) -> str | None:
 
 def loop_skip_reason() -> str | None:
     return unshare_skip_reason("losetup", "mkfs.ext4", "blkid")
+
+
+@contextlib.contextmanager
+def attached_loop_disks(tmp: Path, sizes: dict[str, int]) -> Iterator[LoopDisks]:
+    """Blank loop devices (sparse images of ``sizes`` bytes, by disk name) for a test; skips it, with the
+    reason, where loop devices cannot be used; detached at the end."""
+    import pytest
+
+    reason = loop_skip_reason()
+    if reason:
+        pytest.skip(f"loop-device disks unavailable: {reason}")
+    devices: dict[str, str] = {}
+    try:
+        for name, size in sizes.items():
+            img = tmp / f"{name}.img"
+            with open(img, "wb") as f:
+                f.truncate(size)
+            out = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True)
+            if out.returncode != 0:
+                pytest.skip(f"losetup is not allowed here: {out.stderr.strip()}")
+            devices[name] = out.stdout.strip()
+        yield LoopDisks(tmp, devices)
+    finally:
+        for dev in devices.values():
+            subprocess.run(["umount", "-l", dev], capture_output=True)
+            subprocess.run(["losetup", "-d", dev], capture_output=True)

@@ -45,7 +45,9 @@ class Booted:
     name: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:12]}")
     proc: subprocess.Popen[bytes] | None = None
 
-    def boot(self, timeout: float = 120) -> Booted:
+    def boot(self, timeout: float = 120, wait_running: bool = True) -> Booted:
+        """Start the container; return once its systemd answers (and, with ``wait_running``, once the boot
+        is over: `systemctl is-system-running --wait`)."""
         args = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine={self.name}"]
         args += [f"--bind={h}:{c}" for h, c in self.binds]
         args += [f"--bind-ro={h}:{c}" for h, c in self.binds_ro]
@@ -59,9 +61,11 @@ class Booted:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
+        wanted = ("running", "degraded") if wait_running else ("starting", "running", "degraded")
+        wait = ["--wait"] if wait_running else []
         while True:
-            r = self.run(["systemctl", "is-system-running", "--wait"], timeout=timeout, check_leader=False)
-            if r is not None and r.stdout.strip() in ("running", "degraded"):
+            r = self.run(["systemctl", "is-system-running", *wait], timeout=timeout, check_leader=False)
+            if r is not None and r.stdout.strip() in wanted:
                 return self
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the container did not boot:\n{self.log.read_text()[-4000:]}")

@@ -11,17 +11,30 @@ Range-capable server on 127.0.0.1, buckets from fake-gcs-server, instance metada
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from engine_helpers import REPO, TINY, write_config
-from gcp_helpers import SCRIPTS, Emulator, LoopDisks, sample_archives, write_manifest
+import yaml
+from engine_helpers import REPO, TINY, assert_same_arrays, finish, write_config
+from gcp_helpers import (
+    SCRIPTS,
+    Emulator,
+    LoopDisks,
+    attached_loop_disks,
+    sample_archives,
+    write_manifest,
+)
 from gcp_servers import MetadataServer
 from nspawn import Booted, skip_reason
+from pristine import root as pristine_root
 from pristine.root import fresh_root_or_skip, run_in_root
+from test_gcp_overlap import start_reference
 
 from building_image_triplet_model.vm.fileserver import RangeServer
 
@@ -33,9 +46,10 @@ UNIT = "triplet-preprocess.service"
 def by_id_folder(tmp: Path, disks: LoopDisks) -> Path:
     """A folder of /dev/disk/by-id/google-NAME links to the loop devices, bound in as /dev/disk/by-id."""
     by_id = tmp / "by-id"
-    by_id.mkdir()
-    for name, dev in disks.devices.items():
-        (by_id / f"google-{name}").symlink_to(dev)
+    if not by_id.is_dir():
+        by_id.mkdir()
+        for name, dev in disks.devices.items():
+            (by_id / f"google-{name}").symlink_to(dev)
     return by_id
 
 
@@ -148,3 +162,239 @@ def test_a_stop_sends_sigterm_to_the_units_main_process_and_the_job_records_it(
     # aria2c saved its control file: the next run resumes the partial archive.
     assert list(box.path("/mnt/raw/.triplet-downloads").rglob("*.aria2")), log[-4000:]
     assert box.poweroff() == 0
+
+
+# ------------------------------------------------------------------------ the whole boot, as GCE runs it
+# Stand-in for the guest agent's script runner (google_metadata_script_runner): the KEY-script attribute,
+# alone in a fresh /tmp/metadata-scriptsXXXX folder, run as /bin/bash -c FILE, as root, cwd /, stdin
+# /dev/null, with the unit's environment only (systemd's PATH, no HOME).
+AGENT_RUN = """#!/bin/bash
+set -u
+dir="$(mktemp -d /tmp/metadata-scriptsXXXXXXXX)"
+file="$dir/$1-script"
+curl -sSf --retry 10 --retry-connrefused -H 'Metadata-Flavor: Google' -o "$file" \\
+  "http://$GCE_METADATA_HOST/computeMetadata/v1/instance/attributes/$1-script" || exit 0
+chmod 0755 "$file"
+cd /
+exec /bin/bash -c "$file" </dev/null
+"""
+# The guest agent's two units (GoogleCloudPlatform/guest-agent), with the stand-ins' endpoints added to
+# their environment: on GCE these are metadata.google.internal and storage.googleapis.com, and PyPI's
+# certificate verifies without this machine's interception CA.
+AGENT_UNIT = """[Unit]
+Description=Google Compute Engine {what} Scripts (test stand-in)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+{service}
+KillMode=process
+{env}
+
+[Install]
+WantedBy=multi-user.target
+"""
+# Stand-in detail, for speed only: this machine's uv cache appears as the work disk's uv cache as soon as
+# the work disk is mounted (systemd starts a mount unit's Wants= when the mount appears), and uv links the
+# environment's files to it instead of copying 7 GB of wheels onto a loop device.
+UV_CACHE_UNIT = """[Unit]
+Description=This machine's uv cache as the work disk's (test stand-in)
+Before=triplet-preprocess.service google-shutdown-scripts.service
+
+[Mount]
+What=/srv/host-uv-cache
+Where=/mnt/work/cache/uv
+Type=none
+Options=bind
+"""
+
+
+def install_agent(root: Path, env: dict[str, str]) -> None:
+    lib = root / "usr/local/lib/triplet-test"
+    lib.mkdir(parents=True)
+    (lib / "agent-run").write_text(AGENT_RUN)
+    (lib / "agent-run").chmod(0o755)
+    units = root / "etc/systemd/system"
+    wants = units / "multi-user.target.wants"
+    environment = "\n".join(f"Environment={k}={v}" for k, v in env.items())
+    for what, service in (
+        ("Startup", "ExecStart=/usr/local/lib/triplet-test/agent-run startup\nTimeoutStartSec=0"),
+        (
+            "Shutdown",
+            "ExecStart=/bin/true\nRemainAfterExit=true\n"
+            "ExecStop=/usr/local/lib/triplet-test/agent-run shutdown\nTimeoutStopSec=0",
+        ),
+    ):
+        name = f"google-{what.lower()}-scripts.service"
+        (units / name).write_text(AGENT_UNIT.format(what=what, service=service, env=environment))
+        (wants / name).symlink_to(f"../{name}")
+    (units / "mnt-work-cache-uv.mount").write_text(UV_CACHE_UNIT)
+    (units / "mnt-work.mount.wants").mkdir()
+    (units / "mnt-work.mount.wants" / "mnt-work-cache-uv.mount").symlink_to("../mnt-work-cache-uv.mount")
+    (root / "etc/uv").mkdir()
+    (root / "etc/uv/uv.toml").write_text('link-mode = "symlink"\n')
+
+
+def origin_repository(dest: Path) -> Path:
+    """This checkout's files as they are (tracked and new, not ignored), committed on branch gcp (the
+    default triplet-repo-ref) in a repository of their own."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if src.is_file():
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+    ident = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+    }
+    for args in (["init", "-q", "-b", "gcp"], ["add", "-A"], ["commit", "-q", "-m", "checkout"]):
+        subprocess.run(["git", *args], cwd=dest, env={**os.environ, **ident}, check=True, capture_output=True)
+    return dest
+
+
+def journal(box: Booted, unit: str) -> str:
+    r = box.run(["journalctl", "--no-pager", "-b", "0", "-u", unit])
+    return r.stdout if r else ""
+
+
+def boot_and_wait(box: Booted, booted: list[Booted]) -> str:
+    """Boot, wait until the startup unit is over, and return its journal (asserting it succeeded)."""
+    booted.append(box)
+    box.boot(wait_running=False)
+    box.run(["systemctl", "is-system-running", "--wait"], timeout=900)
+    startup = journal(box, "google-startup-scripts.service")
+    result = box.run(["systemctl", "show", "-p", "Result", "--value", "google-startup-scripts.service"])
+    assert result.stdout.strip() == "success", startup[-6000:]
+    return startup
+
+
+def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
+    tmp_path: Path,
+    booted: list[Booted],
+    range_server: RangeServer,
+    metadata_server: MetadataServer,
+    gcs_emulator: Emulator,
+) -> None:
+    """The startup script as the guest agent runs it on a pristine Debian 12 (stage 0 installs git and
+    clones, the system step installs aria2, python3-venv and uv, the disks are formatted, uv sync, the job
+    as its own unit); preempted while aria2c downloads and the engine embeds (metadata preempted=TRUE,
+    then ACPI soft-off: the job's unit stopped, the shutdown script run by its unit's ExecStop); the next
+    boot resumes both and the artifact in the bucket equals the engine's own uninterrupted run's; a boot
+    after that installs, formats and downloads nothing."""
+    root = fresh_root_or_skip(tmp_path / "root")
+    uv_cache = subprocess.run(
+        ["uv", "cache", "dir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
+    reference = start_reference(tmp_path, archives)
+    bucket = gcs_emulator.new_bucket()
+    manifest = write_manifest(
+        tmp_path / "manifest.txt",
+        [(f"{range_server.url}/{a.name}", f"dataset_unaligned/{a.name}") for a in archives],
+    )
+    gcs_emulator.client().bucket(bucket).blob("manifest.txt").upload_from_filename(str(manifest))
+    origin = origin_repository(tmp_path / "origin")
+    metadata_server.attributes.update(
+        {
+            "startup-script": (SCRIPTS / "startup_preprocess.sh").read_text(),
+            "shutdown-script": (SCRIPTS / "shutdown_preprocess.sh").read_text(),
+            "triplet-repo-url": "file:///srv/origin",
+            "triplet-run-id": "pristine",
+            "triplet-checkpoint-uri": f"gs://{bucket}/ckpt",
+            "triplet-manifest-uri": f"gs://{bucket}/manifest.txt",
+            "triplet-preprocess-config": yaml.safe_dump(
+                {"data": {"input_dir": "x", "hdf5_path": "out/dataset.h5", **TINY}}
+            ),
+        }
+    )
+    install_agent(
+        root, {"GCE_METADATA_HOST": metadata_server.host, **gcs_emulator.env(), **pristine_root.HOST_CA_ENV}
+    )
+    with attached_loop_disks(tmp_path, {"raw-data-1tb": 256 << 20, "work-scratch-512gb": 2 << 30}) as disks:
+
+        def box() -> Booted:
+            return Booted(
+                root,
+                tmp_path / "boot.log",
+                binds=[(uv_cache, "/srv/host-uv-cache")],
+                binds_ro=[
+                    (str(origin), "/srv/origin"),
+                    (str(by_id_folder(tmp_path, disks)), "/dev/disk/by-id"),
+                ],
+                devices=list(disks.devices.values()),
+            )
+
+        # First boot: everything installed and formatted; preempted while both phases run.
+        range_server.rate = archives[0].stat().st_size // 4  # ~4 s per archive, one at a time
+        first = box()
+        startup = boot_and_wait(first, booted)
+        for line in (
+            "system: installing",
+            "has no filesystem: formatting ext4",
+            "start: starting triplet-preprocess",
+        ):
+            assert line in startup, startup[-6000:]
+        wait_for(
+            "the first archive downloaded while the engine runs",
+            lambda: (
+                first.path(f"/mnt/raw/dataset_unaligned/{archives[0].name}").exists()
+                and first.path("/run/triplet/engine.pid").exists()
+            ),
+            first,
+        )
+        metadata_server.values["instance/preempted"] = "TRUE"
+        assert first.poweroff() == 0
+        console = first.log.read_text()
+        objects = gcs_emulator.objects(bucket, "ckpt/pristine/state/")
+        pre = json.loads(objects["ckpt/pristine/state/preemptions.json"].download_as_bytes())
+        assert pre["count"] == 1, console[-6000:]
+        assert pre["events"][-1]["phase"] == "preprocess"
+        for phase in ("download", "preprocess"):
+            m = json.loads(objects[f"ckpt/pristine/state/{phase}.json"].download_as_bytes())
+            assert m["status"] == "interrupted", (phase, m, console[-6000:])
+
+        # Second boot: nothing installed again; the download and the engine resume and finish.
+        metadata_server.values["instance/preempted"] = "FALSE"
+        n_before = len(range_server.requests)
+        second = box()
+        startup = boot_and_wait(second, booted)
+        assert "system: installing" not in startup
+        wait_for(
+            "the run to finish", lambda: state(second, "done").get("status") == "done", second, timeout=600
+        )
+        assert (state(second, "download")["attempts"], state(second, "preprocess")["attempts"]) == (2, 2)
+        assert f"/{archives[0].name}" not in {q.path for q in range_server.requests[n_before:]}
+        venv = second.path("/mnt/work/repo/.venv/pyvenv.cfg").stat().st_mtime_ns
+        assert second.poweroff() == 0
+        code, out = finish(reference, timeout=600)
+        assert code == 0, out[-3000:]
+        artifact = tmp_path / "artifact.h5"
+        gcs_emulator.client().bucket(bucket).blob("ckpt/pristine/artifact/dataset.h5").download_to_filename(
+            str(artifact)
+        )
+        assert_same_arrays(artifact, tmp_path / "reference" / "out" / "dataset.h5")
+
+        # Third boot: nothing installed, formatted or downloaded; every phase skipped.
+        n_before = len(range_server.requests)
+        third = box()
+        startup = boot_and_wait(third, booted)
+        assert "system: installing" not in startup
+        assert "formatting" not in startup.replace("not formatting", "")
+        assert startup.count("holds ext4: not formatting") == 2
+        assert third.path("/mnt/work/repo/.venv/pyvenv.cfg").stat().st_mtime_ns == venv
+        wait_for(
+            "the job to finish",
+            lambda: third.run(["systemctl", "is-active", UNIT]).stdout.strip() in ("inactive", "failed"),
+            third,
+        )
+        job = journal(third, UNIT)
+        for phase in ("download", "preprocess", "finalize"):
+            assert f"phase {phase}: done" in job and "skipping" in job, job[-4000:]
+        assert range_server.requests[n_before:] == []
+        assert third.poweroff() == 0
