@@ -288,9 +288,8 @@ def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
     boot resumes both and the artifact in the bucket equals the engine's own uninterrupted run's; a boot
     after that installs, formats and downloads nothing."""
     root = fresh_root_or_skip(tmp_path / "root")
-    uv_cache = subprocess.run(
-        ["uv", "cache", "dir"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    uv = os.environ.get("UV", "uv")  # `uv run` names itself
+    uv_cache = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
     archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
     reference = start_reference(tmp_path, archives)
     bucket = gcs_emulator.new_bucket()
