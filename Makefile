@@ -48,9 +48,12 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-.PHONY: pristine-root
+.PHONY: pristine-root gpu-stack-check
 pristine-root: sys-deps ## build (once) the pristine Debian 12 root the slow tests copy (~3 min; build/pristine/)
 	$(PYTHON) tests/pristine/root.py
+
+gpu-stack-check: pristine-root ## system.sh's NVIDIA stack, DKMS build included, in a pristine root (~10 min; benchmarks/results/gpu_stack_check.json)
+	$(PYTHON) tests/pristine/gpu_stack_check.py
 
 .PHONY: bench bench-quick bench-record bench-gpu-small
 bench: setup sys-deps ## every benchmark (~20 min on 2 cores); figures in build/bench/results/ (tracked files untouched)

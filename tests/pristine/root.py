@@ -112,9 +112,13 @@ def tarball_path(r: Mapping | None = None) -> Path:
     return CACHE / f"{SUITE}-{digest}.tar"
 
 
-def _check_can_build(mirror: str) -> None:
+def _check_root() -> None:
     if os.geteuid() != 0:
         raise Unavailable("a pristine Debian root needs root (debootstrap, chroot, mounts)")
+
+
+def _check_can_build(mirror: str) -> None:
+    _check_root()
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is not installed: run `make sys-deps`")
     url = f"{mirror}/dists/{SUITE}/Release"
@@ -200,6 +204,7 @@ def install_host_ca(root: Path) -> None:
 def fresh_root(dest: Path) -> Path:
     """A fresh copy of the pristine root at ``dest`` (created; must not exist or be empty), with this
     machine's resolv.conf and CA bundle copied in."""
+    _check_root()
     tar = cached_tarball()
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(

@@ -59,3 +59,21 @@ def test_a_fresh_root_is_gce_debian_12_and_its_chroot_stays_inside(tmp_path: Pat
     mounts = Path("/proc/self/mounts").read_text()
     assert str(root) not in mounts
     subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=True, timeout=300)
+
+
+def test_without_root_it_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    """Not root: Unavailable (a test skips with this reason), before anything is built or extracted."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from pristine import root\n"
+        "try:\n    root.fresh_root(Path(sys.argv[2]))\nexcept root.Unavailable as exc:\n    print(exc)"
+    )
+    tmp_path.chmod(0o777)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run(
+        [*nobody, "python3", "-c", code, str(pristine.REPO / "tests"), str(tmp_path / "root")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.strip() == "a pristine Debian root needs root (debootstrap, chroot, mounts)", r.stderr
+    assert not (tmp_path / "root").exists()
