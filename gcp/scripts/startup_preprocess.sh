@@ -271,11 +271,6 @@ main() {
     [[ "$(sysvm vm.settings get bake)" != true ]] || steps=(system bake)
   fi
   local s i
-  # What systemd-run starts as the job's unit: Python itself becomes the unit's main process, so that the
-  # SIGTERM of a stop (KillMode=mixed sends it to the main process alone) reaches the job, which stops its
-  # children, saves and records the interruption. (The log file is chosen first, below.)
-  local exec_job=0
-  [[ "${steps[*]}" != job ]] || exec_job=1
   for s in "${steps[@]}"; do
     [[ " ${ALL_STEPS[*]} ${OTHER_STEPS[*]} " == *" $s "* ]] ||
       { echo "startup_preprocess.sh: unknown step '$s' (see --help)" >&2; return 2; }
@@ -321,12 +316,14 @@ main() {
       uv) step_uv ;;
       config) run_vm config || die "config: the settings or the preprocess YAML are invalid (see above)" ;;
       preflight) run_vm preflight || TRIPLET_DIE_CODE=$? die "preflight: the GPU cannot be used (state/preflight.json)" ;;
-      ops-agent) step_ops_agent ;;
       restore) run_vm restore || die "restore: the checkpoint could not be restored" ;;
       start) step_start ;;
       bake) step_bake ;;
       job)
-        if ((exec_job)); then
+        # The job's unit runs the step `job` alone: Python then replaces this shell and becomes the unit's
+        # main process, so that the SIGTERM of a stop (KillMode=mixed sends it to the main process alone)
+        # reaches the job, which stops its children, saves and records the interruption.
+        if [[ "${steps[*]}" == job ]]; then
           local VM_CMD
           vm_cmd vm job
           exec "${VM_CMD[@]}"

@@ -139,6 +139,9 @@ def test_a_stop_sends_sigterm_to_the_units_main_process_and_the_job_records_it(
     assert r is not None and r.returncode == 0, r.stderr[-4000:] if r else "no container"
     assert "start: starting triplet-preprocess.service (systemd-run)" in r.stderr
     assert box.run(["findmnt", "-n", "-o", "SOURCE", "/mnt/work"]).stdout.strip().startswith("/dev/loop")
+    # The job's unit requires its disks: at shutdown systemd unmounts them only once the job has stopped.
+    after = box.run(["systemctl", "show", "-p", "After", "-p", "Requires", "--value", UNIT]).stdout.split()
+    assert {"mnt-raw.mount", "mnt-work.mount"} <= set(after), after
 
     def both_running() -> bool:
         return (
@@ -387,6 +390,9 @@ def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
         assert "formatting" not in startup.replace("not formatting", "")
         assert startup.count("holds ext4: not formatting") == 2
         assert third.path("/mnt/work/repo/.venv/pyvenv.cfg").stat().st_mtime_ns == venv
+        # The shutdown script's unit, too, stops before the disks are unmounted (the disks step's drop-in).
+        after = third.run(["systemctl", "show", "-p", "After", "--value", "google-shutdown-scripts.service"])
+        assert {"mnt-raw.mount", "mnt-work.mount"} <= set(after.stdout.split()), after.stdout
         wait_for(
             "the job to finish",
             lambda: third.run(["systemctl", "is-active", UNIT]).stdout.strip() in ("inactive", "failed"),
