@@ -52,7 +52,7 @@ format: setup ## apply ruff's formatting and safe fixes
 pristine-root: sys-deps ## build (once) the pristine Debian 12 root the slow tests copy (~3 min; build/pristine/)
 	$(PYTHON) tests/pristine/root.py
 
-gpu-stack-check: pristine-root ## system.sh's NVIDIA stack, DKMS build included, in a pristine root (~10 min; benchmarks/results/gpu_stack_check.json)
+gpu-stack-check: pristine-root ## system.sh's NVIDIA stack, DKMS build included, in a pristine root (~25 min on 2 busy cores; docs/gpu_stack_check.json)
 	$(PYTHON) tests/pristine/gpu_stack_check.py
 
 .PHONY: bench bench-quick bench-record bench-gpu-small

@@ -190,22 +190,27 @@ install_nvidia() {
     die "system: the NVIDIA driver is installed but nvidia-smi fails (secure boot on? see journalctl -k)"
 }
 
+# The packages of the tools GCE's debian-12 image lacks, one a line.
+missing_base_packages() {
+  command -v aria2c >/dev/null 2>&1 || echo aria2
+  command -v git >/dev/null 2>&1 || echo git
+  command -v curl >/dev/null 2>&1 || echo curl
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo python3-venv
+  # torch.compile (triton, inductor) builds C helpers with gcc against Python.h; Debian's python3 has no
+  # headers without python3-dev. The engine's preflight refuses compile: true without them.
+  python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+    >/dev/null 2>&1 || echo python3-dev
+  command -v gcc >/dev/null 2>&1 || echo gcc
+}
+
 step_system() {
   if is_true "${TRIPLET_SKIP_SYSTEM:-0}"; then
     log "system: skipped (TRIPLET_SKIP_SYSTEM=1)"
     return 0
   fi
   repair_dpkg
-  local -a need=()
-  command -v aria2c >/dev/null 2>&1 || need+=(aria2)
-  command -v git >/dev/null 2>&1 || need+=(git)
-  command -v curl >/dev/null 2>&1 || need+=(curl)
-  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
-  # torch.compile (triton, inductor) builds C helpers with gcc against Python.h; Debian's python3 has no
-  # headers without python3-dev. The engine's preflight refuses compile: true without them.
-  python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
-    >/dev/null 2>&1 || need+=(python3-dev)
-  command -v gcc >/dev/null 2>&1 || need+=(gcc)
+  local -a need
+  mapfile -t need < <(missing_base_packages)
   if ((${#need[@]})); then
     log "system: installing ${need[*]}"
     apt_install ca-certificates "${need[@]}"

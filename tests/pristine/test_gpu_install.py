@@ -4,7 +4,7 @@ Debian 12 root with real apt against this machine's Debian mirror. Asking apt fo
 installing: this test installs, then looks at what dpkg put on the disk.
 
 The kernel module's DKMS build against the cloud kernel's headers is `make gpu-stack-check`
-(tests/pristine/gpu_stack_check.py; result in benchmarks/results/gpu_stack_check.json): too long for CI.
+(tests/pristine/gpu_stack_check.py; result in docs/gpu_stack_check.json): too long for CI.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def test_the_bootstraps_driver_set_installs_libcuda_without_xorg_and_holds_it(tm
     packages = system_sh_array("NVIDIA_DRIVER_PACKAGES")
     before = installed(root)
     assert "libcuda1" not in before and "python3" in before
+
+    # What the system step would install beside the driver on GCE's image: Python.h (python3-dev) and gcc
+    # among them, for compile: true.
+    r = run_system_sh(root, "missing_base_packages", timeout=120)
+    assert r.stdout.split() == ["aria2", "git", "python3-venv", "python3-dev", "gcc"], r.stderr
 
     r = run_system_sh(root, "enable_nonfree; install_driver_set", DEBIAN_FRONTEND="noninteractive")
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
