@@ -76,7 +76,8 @@ def test_fifo_named_like_an_archive_is_refused_without_opening_it(tmp_path):
     os.mkfifo(fifo)
     # A real subprocess: opening a FIFO for reading blocks until a writer comes, so a hang is a timeout.
     code = (
-        "import sys\nfrom building_image_triplet_model import sources, errors\n"
+        "import sys\nfrom building_image_triplet_model import errors\n"
+        "from building_image_triplet_model.inputs import sources\n"
         "try:\n    sources.list_sources(sys.argv[1])\nexcept errors.InputError as e:\n    print(e)\n"
     )
     proc = subprocess.run(
@@ -264,7 +265,7 @@ def test_irregular_files_in_a_folder_are_not_opened(extracted):
     os.mkfifo(extracted / "0001" / "pipe.jpg")
     os.symlink(extracted / "0001" / "a.jpg", extracted / "0001" / "link.jpg")
     code = (
-        "import sys\nfrom building_image_triplet_model import sources\n"
+        "import sys\nfrom building_image_triplet_model.inputs import sources\n"
         "src = [s for s in sources.list_sources(sys.argv[1]) if s.name == '0001'][0]\n"
         "for m in sorted(sources.walk(src), key=lambda m: m.path):\n    print(m.path, m.kind)\n"
     )

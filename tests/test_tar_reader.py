@@ -549,7 +549,7 @@ def test_pax_record_of_length_zero_is_refused_not_a_hang(tmp_path):
     path.write_bytes(with_pax(b"0 path=b\n"))
     assert subprocess.run(["tar", "-tf", str(path)], capture_output=True).returncode != 0
     code = (
-        "import sys\nfrom building_image_triplet_model import tar_reader\n"
+        "import sys\nfrom building_image_triplet_model.inputs import tar_reader\n"
         "try:\n    list(tar_reader.walk(sys.argv[1]))\nexcept tar_reader.TarError as e:\n"
         "    print('TarError', e)\n"
     )
