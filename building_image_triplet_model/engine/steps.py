@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from building_image_triplet_model.engine import geo_knn, identity, index, machine, plan, preflight
+from building_image_triplet_model.engine import done, geo_knn, identity, index, machine, plan, preflight
 from building_image_triplet_model.engine.context import RunContext
 from building_image_triplet_model.engine.embed import loader as embed
 from building_image_triplet_model.engine.embed import proof
@@ -129,12 +129,11 @@ def merge_index(ctx: RunContext) -> None:
 
 # ---------------------------------------------------------------------------------------------- plan
 def make_plan(ctx: RunContext) -> None:
-    inputs = identity.inputs_key([(n, ctx.markers[n]["digest"]) for n in ctx.names])
-    ctx.plan_key = identity.plan_key(ctx.cfg, inputs)
+    ctx.plan_key = done.plan_key(ctx.cfg, ctx.names, ctx.markers)
     layout = ctx.layout
-    recorded = durable.read_json(layout.plan_json) or {}
-    if recorded.get("key") == ctx.plan_key and layout.plan.exists():
-        ctx.plan = durable.read_npz(layout.plan)
+    stored = done.stored_plan(layout, ctx.plan_key)
+    if stored is not None:
+        ctx.plan = stored
     else:
         p = plan.make_plan(ctx.cache, ctx.cfg)
         if len(p["rows"]) == 0:
@@ -210,8 +209,7 @@ def needed_rows(ctx: RunContext, s: int, all_rows: bool) -> np.ndarray:
     if all_rows:
         return np.arange(int(ctx.markers[ctx.names[s]]["images"]), dtype=np.int64)
     assert ctx.plan is not None
-    first = np.cumsum([0] + [int(ctx.markers[n]["images"]) for n in ctx.names])
-    return plan.source_rows(ctx.plan, first, s)
+    return done.rows_needed(ctx.plan, ctx.names, ctx.markers, s)
 
 
 def pending_works(

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from building_image_triplet_model.io import names
+
 ARCHIVE = re.compile(r"(?:^|/)([A-Za-z0-9][A-Za-z0-9._-]*)\.tar$")
 _OUT = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
 _OPTIONS = ("out", "checksum")
@@ -43,7 +45,7 @@ class Entry:
 
 
 def safe_relative(path: str) -> bool:
-    return bool(_OUT.match(path)) and not any(p in (".", "..") for p in path.split("/"))
+    return bool(_OUT.match(path)) and not names.climbs(path)
 
 
 def parse(text: str, where: str = "manifest", repo_root: Path | None = None) -> list[Entry]:

@@ -39,6 +39,14 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def write_event(path: str | os.PathLike[str], event: str, severity: str = "INFO", **fields: Any) -> None:
+    """The one writer of event lines (events.jsonl, the VM's job log; one Cloud Logging log, one schema):
+    ``{"time", "severity", "event", ...fields}``. Raises OSError; callers say whether that matters."""
+    line = {"time": utc_now(), "severity": severity, "event": event, **fields}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
 class LineFormatter(logging.Formatter):
     """``2026-12-01T21:21:07Z index[4242]: indexed 0088 ...``; warnings and errors say so first."""
 
@@ -60,15 +68,7 @@ class JsonEventHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = {
-                "ts": utc_now(),
-                "severity": record.levelname,
-                "event": "log",
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(line) + "\n")
+            write_event(self.path, "log", record.levelname, logger=record.name, message=record.getMessage())
         except Exception:
             self.handleError(record)
 
@@ -207,11 +207,10 @@ class Progress:
         st = self.state["steps"][step]
         if force or now - self._last_log.get(step, 0.0) >= self.log_every_s:
             self._last_log[step] = now
-            event = {"ts": utc_now(), "severity": "INFO", "event": "progress", "phase": step}
-            event.update({k: st.get(k) for k in ("status", "done", "total", "unit", "rate", "eta_s")})
+            fields = {k: st.get(k) for k in ("status", "done", "total", "unit", "rate", "eta_s")}
             # A full disk: the run reports it; progress is a view, never a second failure.
-            with contextlib.suppress(OSError), open(self.events, "a") as fh:
-                fh.write(json.dumps(event) + "\n")
+            with contextlib.suppress(OSError):
+                write_event(self.events, "progress", phase=step, **fields)
             if not force and not self.bars_enabled:
                 log.info("%s", line(step, st))
         if force or now - self._last_write >= 2.0:

@@ -24,8 +24,6 @@ durable.py, with a commit marker (_SUCCESS.json, written by :func:`commit`) last
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -35,7 +33,7 @@ from typing import Any
 
 from building_image_triplet_model.config import DataConfig
 from building_image_triplet_model.errors import LockedError, RunError
-from building_image_triplet_model.io import durable, faults
+from building_image_triplet_model.io import durable, faults, locks
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +285,8 @@ _HELD: set[Path] = set()  # lock files this process holds (a POSIX lock dies whe
 
 
 class RunLock:
-    """A POSIX record lock on ``<work>/lock``.
-
-    POSIX (lockf) locks belong to the process and are not inherited across fork, so decode workers that
-    outlive a killed parent for a moment never keep the next run out; the kernel drops the lock the
-    instant the holder dies, however it dies.
-    """
+    """The run lock on ``<work>/lock`` (io/locks.py: decode workers that outlive a killed parent for a
+    moment never keep the next run out), with the holder's pid inside."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -300,17 +294,10 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                holder = self.path.read_text().strip() or "unknown"
-                raise LockedError(
-                    f"{self.path}: another processor (pid {holder}) is running on this output"
-                ) from None
-            raise
+        fd = locks.acquire(self.path)
+        if fd is None:
+            holder = self.path.read_text().strip() or "unknown"
+            raise LockedError(f"{self.path}: another processor (pid {holder}) is running on this output")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -328,17 +315,10 @@ def lock_holder(path: Path) -> int | None:
     """The pid of the processor holding the lock at ``path``, or None. Creates nothing."""
     if path.resolve() in _HELD:
         return os.getpid()  # opening the file here would release our own lock
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    if not locks.held_by_other(path):
         return None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        raise
-    finally:
-        os.close(fd)
-    return None
+        text = path.read_text(errors="replace")[:32].strip()
+    except FileNotFoundError:
+        return -1
+    return int(text) if text.isdigit() else -1

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from building_image_triplet_model.config import DataConfig
-from building_image_triplet_model.engine import identity, index, plan
+from building_image_triplet_model.engine import done, identity, index, plan
 from building_image_triplet_model.engine.embed.store import EmbeddingStore
 from building_image_triplet_model.errors import InputError
 from building_image_triplet_model.inputs.sources import list_sources
@@ -52,12 +52,12 @@ def model_key_for(layout: Layout, cfg: DataConfig) -> str | None:
 
 def _current_plan(layout: Layout, cfg: DataConfig, names: list[str], markers: dict[str, Any]) -> dict | None:
     """The plan the next run uses: the stored one when its key is current, else computed (pure numpy)."""
-    inputs = identity.inputs_key([(n, markers[n]["digest"]) for n in names])
-    key = identity.plan_key(cfg, inputs)
-    recorded = _read(layout.plan_json) or {}
-    if recorded.get("key") == key and layout.plan.exists():
-        with contextlib.suppress(durable.CorruptFileError):  # damaged: the processor makes it again
-            return {"key": key, "stored": True, **durable.read_npz(layout.plan)}
+    key = done.plan_key(cfg, names, markers)
+    stored = None
+    with contextlib.suppress(durable.CorruptFileError):  # damaged: the processor makes it again
+        stored = done.stored_plan(layout, key)
+    if stored is not None:
+        return {"key": key, "stored": True, **stored}
     try:
         if index.read_cache_header(layout) == (names, [markers[n]["digest"] for n in names]):
             return {"key": key, "stored": False, **plan.make_plan(index.load_cache(layout), cfg)}
@@ -74,16 +74,13 @@ def archive_states(
     p: dict | None,
     model_key: str | None,
 ) -> dict[str, dict[str, Any]]:
-    first = np.cumsum([0] + [int(markers[n]["images"]) for n in names]) if p is not None else None
     out: dict[str, dict[str, Any]] = {}
     for s, name in enumerate(names):
         m = markers.get(name)
         if m is None:
             out[name] = {"state": "not indexed"}
             continue
-        needed = (
-            plan.source_rows(p, first, s) if p is not None and first is not None else np.arange(m["images"])
-        )
+        needed = done.rows_needed(p, names, markers, s) if p is not None else np.arange(m["images"])
         store_dirs = list(layout.model_dir(model_key).glob(f"{name}-*")) if model_key else []
         current = layout.store_dir(model_key, name, m["content"]) if model_key else None
         have = np.zeros(0, np.int64)

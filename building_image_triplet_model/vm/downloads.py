@@ -20,13 +20,12 @@ message says why); 2 usage or bad manifest.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
 from pathlib import Path
 
 from building_image_triplet_model.inputs import manifest, sources
-from building_image_triplet_model.io import durable
+from building_image_triplet_model.io import durable, locks
 from building_image_triplet_model.io.progress import utc_now
 
 from ..errors import InputError
@@ -81,8 +80,8 @@ def commit(raw: Path, out: str, uri: str) -> str | None:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     # aria2c's completion hook and download_archives.sh may commit the same file at the same moment (aria2c
     # does not wait for its hooks): one at a time, so that the record is there whenever the file is.
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = locks.acquire(lock_path, wait=True)
+    try:
         if not src.is_file():
             return "already committed" if complete(raw, out)[0] else "nothing downloaded"
         why = verify(src)
@@ -102,6 +101,9 @@ def commit(raw: Path, out: str, uri: str) -> str | None:
                 "verified_at": utc_now(),
             },
         )
+    finally:
+        if lock is not None:
+            os.close(lock)
     return None
 
 

@@ -9,6 +9,7 @@ False. Standard library only: the bootstrap and the tests use it without the pro
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 # NVIDIA's table "CUDA Toolkit and Minimum Required Driver Version for CUDA Minor Version Compatibility"
@@ -21,9 +22,7 @@ MIN_DRIVER_FOR_CUDA_MAJOR: dict[int, str] = {
 
 # The package whose version in uv.lock is the CUDA runtime torch was built with: nvidia-cuda-runtime-cu12
 # (CUDA 12 builds) or nvidia-cuda-runtime (CUDA 13 builds name it without the suffix).
-_RUNTIME = re.compile(
-    r'^name = "nvidia-cuda-runtime(?:-cu\d+)?"\nversion = "(\d+)\.(\d+)[^"]*"$', re.MULTILINE
-)
+_RUNTIME = re.compile(r"nvidia-cuda-runtime(?:-cu\d+)?")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -36,7 +35,13 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 def lock_cuda(lock_text: str) -> tuple[int, int]:
     """The CUDA (major, minor) of the locked torch, read from the text of uv.lock."""
-    found = {(int(a), int(b)) for a, b in _RUNTIME.findall(lock_text)}
+    packages = tomllib.loads(lock_text).get("package", [])
+    found = {
+        (int(major), int(minor))
+        for p in packages
+        if _RUNTIME.fullmatch(p.get("name", ""))
+        for major, minor, *_ in [p.get("version", "").split(".")]
+    }
     if len(found) != 1:
         raise ValueError(f"uv.lock names {len(found)} CUDA runtimes ({sorted(found)}), expected one")
     return found.pop()

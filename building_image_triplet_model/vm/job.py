@@ -14,7 +14,6 @@ exits 143. While the engine runs, a push to the bucket every push-interval.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from building_image_triplet_model import exit_codes
-from building_image_triplet_model.io import durable
-from building_image_triplet_model.io.progress import utc_now
+from building_image_triplet_model.io import durable, locks
+from building_image_triplet_model.io.progress import utc_now, write_event
 
 from ..exit_codes import TERM_EXIT
 from . import checkpoint, publish
@@ -133,20 +132,16 @@ class Job:
         path = os.environ.get("TRIPLET_EVENTS_FILE")
         if not path:
             return
-        import json
-
-        line = {
-            "time": utc_now(),
-            "severity": severity,
-            "event": name,
-            "source": "job",
-            "message": message,
-            "run_id": self.s["run-id"],
-            "preemptions": self.markers.get("preemptions").get("count", 0),
+        write_event(
+            path,
+            name,
+            severity,
+            source="job",
+            message=message,
+            run_id=self.s["run-id"],
+            preemptions=self.markers.get("preemptions").get("count", 0),
             **fields,
-        }
-        with open(path, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        )
 
     # ---- children
     def _download_args(self) -> list[str]:
@@ -383,10 +378,8 @@ def run(env: dict[str, str]) -> int:
 
     paths = VMPaths.from_env(env)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(paths.run_dir / "job.lock", "a")  # noqa: SIM115 (held for the process's life)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    lock = locks.acquire(paths.run_dir / "job.lock")  # held for the process's life
+    if lock is None:
         log.info("job: another job holds %s; not starting a second one", paths.run_dir / "job.lock")
         return 0
     durable.write_bytes(paths.run_dir / "job.pid", f"{os.getpid()}\n".encode())

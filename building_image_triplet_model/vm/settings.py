@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from building_image_triplet_model.io import durable
+from building_image_triplet_model.io import durable, names
 
 _GS = r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~=+@,-]+)*/?"
 _LOCAL = r"/?[A-Za-z0-9._~=+@,-]+(/[A-Za-z0-9._~=+@,-]+)*/?"
@@ -48,7 +48,7 @@ def _full(pattern: str) -> Callable[[str, str], bool]:
 
 def _uri(value: str, source: str) -> bool:
     """gs:// from metadata; the environment may also name a local folder (dry runs and tests)."""
-    if "/../" in f"/{value}/" or "/./" in f"/{value}/":
+    if names.climbs(value):
         return False
     return bool(re.match(_GS + r"\Z", value)) or (
         source != "metadata" and bool(re.match(_LOCAL + r"\Z", value))
@@ -56,7 +56,7 @@ def _uri(value: str, source: str) -> bool:
 
 
 def _path(value: str, source: str) -> bool:
-    if "/../" in f"/{value}/" or "/./" in f"/{value}/":
+    if names.climbs(value):
         return False
     return bool(re.match(_REL + r"\Z", value)) or (
         source != "metadata" and bool(re.match(_LOCAL + r"\Z", value))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from building_image_triplet_model.io import durable
+from building_image_triplet_model.io import durable, names
 
 if TYPE_CHECKING:
     from building_image_triplet_model.remote.cloud_sync.sync import SyncResult
@@ -106,7 +106,7 @@ class LocalStore:
 
     def _path(self, key: str) -> Path:
         parts = [p for p in key.split("/") if p]
-        if any(p in (".", "..") for p in parts):
+        if names.climbs(key):
             raise CloudSyncError(f"refusing key with '.' or '..': {key!r}")
         return self.root.joinpath(*parts)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from building_image_triplet_model.io import names
 from building_image_triplet_model.remote.cloud_sync.locations import (
     CloudSyncError,
     ObjectInfo,
@@ -291,7 +292,7 @@ def pull_dir(
     items = []
     for key, info in sorted(list_folder(store, prefix, include).items()):
         rel = rel_of(prefix, key)
-        if rel and any(p in ("", ".", "..") for p in rel.split("/")):
+        if rel and ("" in rel.split("/") or names.climbs(rel)):
             raise CloudSyncError(f"pull: refusing object name {key!r}")
         if rel and flt.wanted(rel):
             _inside(root, rel)
