@@ -104,14 +104,16 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run one of the package's modules as a real subprocess (its own process group)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    argv = [sys.executable, "-m", f"building_image_triplet_model.{module}", *args]
+    return run_in_group(argv, env=full_env, timeout=timeout)
+
+
+def run_in_group(
+    argv: list[str], *, env: dict[str, str], timeout: float, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """A real process in its own process group (as systemd starts one), its output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", f"building_image_triplet_model.{module}", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_helpers import REPO, kill_group
+from engine_helpers import REPO, kill_group, run_in_group
 from gcp_servers import MetadataServer, free_env
 
 from tools import sample_data
@@ -61,15 +61,7 @@ def script_env(tmp: Path, **extra: str) -> dict[str, str]:
 def run_script(
     name: str, *args: str, env: dict[str, str], timeout: float = 300, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPTS / name), *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
+    return run_in_group(["bash", str(SCRIPTS / name), *args], env=env, timeout=timeout, cwd=cwd)
 
 
 def start_script(
@@ -142,6 +134,11 @@ def sample_archives(
     )
     (out / "planted.json").unlink()
     return [out / a["archive"] for a in summary["archives"]]
+
+
+def served_manifest(path: Path, server: Any, names: list[str]) -> Path:
+    """A manifest of archives ``names`` on the test's Range server, into ``dataset_unaligned/``."""
+    return write_manifest(path, [(f"{server.url}/{n}", f"dataset_unaligned/{n}") for n in names])
 
 
 def regular_members(archive: Path) -> dict[str, bytes]:

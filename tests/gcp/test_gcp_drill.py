@@ -29,9 +29,9 @@ from gcp_helpers import (
     run_script,
     sample_archives,
     script_env,
+    served_manifest,
     start_script,
     wait_group_gone,
-    write_manifest,
 )
 from gcp_servers import MetadataServer
 
@@ -56,10 +56,7 @@ def markers(work: Path) -> dict[str, dict]:
 @pytest.fixture
 def drill_env(tmp_path: Path, range_server: RangeServer, metadata_server: MetadataServer) -> dict[str, str]:
     archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96, bad=True)
-    manifest = write_manifest(
-        tmp_path / "manifest.txt",
-        [(f"{range_server.url}/{a.name}", f"dataset_unaligned/{a.name}") for a in archives],
-    )
+    manifest = served_manifest(tmp_path / "manifest.txt", range_server, [a.name for a in archives])
     config = write_config(tmp_path / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
     # A slower tar, so that the extract phase lasts long enough to be interrupted.
     bin_dir = tmp_path / "bin"

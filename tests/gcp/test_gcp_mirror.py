@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import REPO, kill_group
-from gcp_helpers import Emulator, sample_archives, script_env, wait_group_gone, write_manifest
+from gcp_helpers import (
+    Emulator,
+    sample_archives,
+    script_env,
+    served_manifest,
+    wait_group_gone,
+    write_manifest,
+)
 
 from building_image_triplet_model.inputs import manifest
 from tools.fileserver import RangeServer
@@ -48,10 +55,7 @@ def test_an_interrupted_mirror_resumes_and_ends_equal(
     tmp_path: Path, range_server: RangeServer, gcs_emulator: Emulator, bucket: str, sig: int
 ) -> None:
     archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
-    m = write_manifest(
-        tmp_path / "m.txt",
-        [(f"{range_server.url}/{a.name}", f"dataset_unaligned/{a.name}") for a in archives],
-    )
+    m = served_manifest(tmp_path / "m.txt", range_server, [a.name for a in archives])
     to = f"gs://{bucket}/archives"
     env = env_for(tmp_path, gcs_emulator)
     first = archives[0]

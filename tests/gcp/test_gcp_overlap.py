@@ -30,9 +30,9 @@ from gcp_helpers import (
     run_script,
     sample_archives,
     script_env,
+    served_manifest,
     start_script,
     wait_group_gone,
-    write_manifest,
 )
 from gcp_servers import MetadataServer
 
@@ -80,9 +80,7 @@ def start_reference(tmp_path: Path, archives: list[Path]) -> subprocess.Popen[st
 def vm_env(tmp_path: Path, range_server: RangeServer, names: list[str], **extra: str) -> dict[str, str]:
     """The startup flow's settings: the archives from ``range_server`` one at a time, the tiny model."""
     vm = tmp_path / "vm"
-    manifest = write_manifest(
-        tmp_path / "manifest.txt", [(f"{range_server.url}/{n}", f"dataset_unaligned/{n}") for n in names]
-    )
+    manifest = served_manifest(tmp_path / "manifest.txt", range_server, names)
     config = write_config(tmp_path / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
     return script_env(
         vm,

@@ -27,6 +27,7 @@ from gcp_helpers import (
     run_script,
     sample_archives,
     script_env,
+    served_manifest,
     start_script,
     unshare_skip_reason,
     write_manifest,
@@ -562,7 +563,7 @@ def test_help_and_unknown_steps() -> None:
 # ------------------------------------------------------------------------- download and engine at once
 def http_flow_env(tmp: Path, server: RangeServer, names: list[str], **extra: str) -> dict[str, str]:
     """flow_env, the archives downloaded by aria2c from ``server``, one at a time."""
-    m = write_manifest(tmp / "http.txt", [(f"{server.url}/{n}", f"dataset_unaligned/{n}") for n in names])
+    m = served_manifest(tmp / "http.txt", server, names)
     return flow_env(tmp, TRIPLET_ARIA2_JOBS="1", TRIPLET_MANIFEST_URI=str(m), **extra)
 
 

@@ -28,7 +28,7 @@ from gcp_helpers import (
     LoopDisks,
     attached_loop_disks,
     sample_archives,
-    write_manifest,
+    served_manifest,
 )
 from gcp_servers import MetadataServer
 from nspawn import Booted, skip_reason
@@ -101,10 +101,7 @@ def test_a_stop_sends_sigterm_to_the_units_main_process_and_the_job_records_it(
     share.mkdir()
     archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
     range_server.rate = archives[0].stat().st_size // 6  # ~6 s per archive, one at a time
-    manifest = write_manifest(
-        share / "manifest.txt",
-        [(f"{range_server.url}/{a.name}", f"dataset_unaligned/{a.name}") for a in archives],
-    )
+    manifest = served_manifest(share / "manifest.txt", range_server, [a.name for a in archives])
     config = write_config(share / "tiny.yaml", input_dir="x", hdf5_path="out/dataset.h5", **TINY)
     bucket = gcs_emulator.new_bucket()
     python = Path(sys.base_prefix).resolve()  # the interpreter of this checkout's .venv
@@ -296,10 +293,7 @@ def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
     archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
     reference = start_reference(tmp_path, archives)
     bucket = gcs_emulator.new_bucket()
-    manifest = write_manifest(
-        tmp_path / "manifest.txt",
-        [(f"{range_server.url}/{a.name}", f"dataset_unaligned/{a.name}") for a in archives],
-    )
+    manifest = served_manifest(tmp_path / "manifest.txt", range_server, [a.name for a in archives])
     gcs_emulator.client().bucket(bucket).blob("manifest.txt").upload_from_filename(str(manifest))
     origin = origin_repository(tmp_path / "origin")
     metadata_server.attributes.update(
