@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from building_image_triplet_model.config import DataConfig
-from building_image_triplet_model.engine import machine, ownership, preflight, steps
+from building_image_triplet_model.engine import machine, ownership, preflight, space, steps
 from building_image_triplet_model.engine.artifact import finish as artifact
 from building_image_triplet_model.engine.context import Hooks, Mode, RunContext
 from building_image_triplet_model.errors import BackboneError, InputError, Interrupted, RunError, disk_full
@@ -176,11 +176,11 @@ def disk_full_message(cfg: DataConfig, layout: Layout, exc: BaseException, dim: 
     """One line: the folder whose disk is full, what is free there, and what the run still writes."""
     name = getattr(exc, "filename", None)
     folder = Path(name).parent if isinstance(name, str) and name else layout.output.parent
-    free = preflight.free_bytes(folder)
+    free = space.free_bytes(folder)
     need = ""
     if dim:
         with contextlib.suppress(Exception):  # an estimate for the message; never a second failure
-            gb = max(0, preflight.bytes_still_needed(cfg, layout, dim)) / 1e9
+            gb = max(0, space.bytes_still_needed(cfg, layout, dim)) / 1e9
             need = f"; this run still writes about {gb:.3f} GB"
     return (
         f"{folder}: the disk is full ({free / 1e9:.3f} GB free{need}): free space, or point data.hdf5_path / "
@@ -225,9 +225,9 @@ def execute(
         if resolved is not None:
             device_type = "cuda" if resolved.device.startswith("cuda") else "cpu"
             workers = machine.decode_workers(cfg, device_type)
-            preflight.check_memory(cfg, int(resolved.identity.input_size[-1]), workers)
+            space.check_memory(cfg, int(resolved.identity.input_size[-1]), workers)
         if resolved is not None and not follow:
-            preflight.check_disk_space_for(cfg, layout, resolved.output_size)
+            space.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
         ownership.claim_work_folder(layout)
         setup_logging(layout.log, layout.events)

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from building_image_triplet_model.engine import done, geo_knn, identity, index, machine, plan, preflight
+from building_image_triplet_model.engine import (
+    done,
+    geo_knn,
+    identity,
+    index,
+    machine,
+    plan,
+    space,
+)
 from building_image_triplet_model.engine.context import RunContext
 from building_image_triplet_model.engine.embed import loader as embed
 from building_image_triplet_model.engine.embed import proof
@@ -71,7 +79,7 @@ def arrivals(ctx: RunContext, timeout_s: float = 0) -> Iterator[list[Source]]:
             ctx.sources.update({n: here[n] for n in new})
             if ctx.resolved is not None:  # the space check the preflight could not do: no archive was here
                 sizes = [s.path.stat().st_size for s in ctx.sources.values() if s.kind == "tar"]
-                preflight.check_disk_space_for(
+                space.check_disk_space_for(
                     ctx.cfg, ctx.layout, ctx.resolved.output_size, sizes, len(ctx.names)
                 )
             yield [here[n] for n in new]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from building_image_triplet_model.engine import identity, plan, preflight
+from building_image_triplet_model.engine import identity, plan, space
 from building_image_triplet_model.engine.artifact import assemble
 from building_image_triplet_model.engine.context import RunContext
 from building_image_triplet_model.engine.steps import run_key, store_of
@@ -46,7 +46,7 @@ def assemble_artifact(ctx: RunContext) -> None:
         )
         progress = {}
     if not progress:
-        preflight.check_artifact_space(layout.output, layout.partial, n, dim, cfg.embedding_dtype)
+        space.check_artifact_space(layout.output, layout.partial, n, dim, cfg.embedding_dtype)
         # Progress is only ever valid for the skeleton it was made with: none until the new one is written.
         layout.assemble_json.unlink(missing_ok=True)
         log.info("assembling %s: writing the skeleton", layout.partial)
