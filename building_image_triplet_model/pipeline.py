@@ -25,7 +25,7 @@ from . import artifact, durable, machine, ownership, preflight, steps
 from .config import DataConfig
 from .context import Hooks, Mode, RunContext
 from .durable import CorruptFileError
-from .errors import BackboneError, InputError, Interrupted, RunError, disk_full
+from .errors import BackboneError, ConfigError, InputError, Interrupted, RunError, disk_full
 from .exit_codes import MEANINGS, Exit
 from .progress import FILE_ONLY, Progress, setup_logging, utc_now
 from .sources import list_sources
@@ -216,6 +216,13 @@ def execute(
         # Whose folders these are, before anything is read or written (ownership.py).
         ownership.check_apart_from_input(cfg, layout)
         ownership.check_work_folder(layout)
+        ownership.check_embeddings_folder(layout)
+        ownership.check_discard(layout, discard_embeddings)
+        if mode != "single" and layout.shared_emb is not None:
+            raise ConfigError(
+                "data.embeddings_dir: a scale-out worker or merge publishes and reads its stores inside its "
+                "run folder; remove the key for a scale-out run"
+            )
         preflight.check_output_location(layout.output.parent, layout.work)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
@@ -228,6 +235,7 @@ def execute(
             preflight.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
         ownership.claim_work_folder(layout)
+        ownership.claim_embeddings_folder(layout)
         setup_logging(layout.log, layout.events)
         for note in cfg.warnings:
             log.warning("%s", note, extra=FILE_ONLY)  # the console has shown them already
