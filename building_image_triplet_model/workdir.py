@@ -14,7 +14,7 @@
       knn/<knn key>/<split>/...       KNN rows in chunks; <split>/_SUCCESS.json when complete
       emb/<model key>/model.json      what the model key stands for
       emb/<model key>/<source>-<content key>/   an archive's embeddings (emb_store.py)
-      emb/<model key>/.locks/<source>-<content key>   held (POSIX lock) by the run writing that store
+      emb/<model key>/.locks/<source>-<content key>.lock   held (POSIX lock) by the run writing that store
       assemble.json                   how far the copy into the artifact got
       corrupt/                        committed files that did not read back, moved aside
 
@@ -157,7 +157,7 @@ class Layout:
         return self.emb_users / f"{hashlib.sha256(out.encode()).hexdigest()[:16]}.json"
 
     def store_lock(self, model_key: str, store: Path) -> Path:
-        return self.model_dir(model_key) / ".locks" / store.name
+        return self.model_dir(model_key) / ".locks" / f"{store.name}.lock"  # *.lock: checkpoints skip it
 
     def model_dir(self, model_key: str) -> Path:
         return self.emb_root / model_key
