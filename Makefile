@@ -25,8 +25,9 @@ setup: .venv/.synced ## install uv (pinned) and the locked environment (.venv)
 	$(UV) sync --frozen --compile-bytecode
 	@touch $@
 
-sys-deps: ## Debian packages the tests and the dry run use (aria2, curl, chromium; git, e2fsprogs, util-linux are standard)
-	@missing=""; for pair in aria2c:aria2 curl:curl git:git mkfs.ext4:e2fsprogs losetup:util-linux chromium:chromium; do \
+sys-deps: ## Debian packages the tests and the dry run use (aria2, curl, chromium, debootstrap, systemd-nspawn; git, e2fsprogs, util-linux are standard)
+	@missing=""; for pair in aria2c:aria2 curl:curl git:git mkfs.ext4:e2fsprogs losetup:util-linux chromium:chromium \
+		debootstrap:debootstrap systemd-nspawn:systemd-container; do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd=sudo; \
@@ -52,6 +53,13 @@ lint: setup ## ruff (lint and format check) and shellcheck on every script
 format: setup ## apply ruff's formatting and safe fixes
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
+
+.PHONY: pristine-root gpu-stack-check
+pristine-root: sys-deps ## build (once) the pristine Debian 12 root the slow tests copy (~3 min; build/pristine/)
+	$(PYTHON) tests/pristine/root.py
+
+gpu-stack-check: pristine-root ## system.sh's NVIDIA stack, DKMS build included, in a pristine root (~25 min on 2 busy cores; docs/gpu_stack_check.json)
+	$(PYTHON) tests/pristine/gpu_stack_check.py
 
 .PHONY: bench bench-quick bench-record bench-gpu-small
 bench: setup sys-deps ## every benchmark (~20 min on 2 cores); figures in build/bench/results/ (tracked files untouched)

@@ -8,7 +8,7 @@ Measured (this machine's network: Debian's mirror and PyPI):
   second update after non-free is enabled (``python3 -m building_image_triplet_model.vm.apt_sources`` on a
   copy of the sources, as system.sh does); ``apt-get install --download-only --reinstall
   --no-install-recommends`` into an empty private cache of the base packages (system.sh: ca-certificates
-  aria2 git curl python3-venv) and of the driver (system.sh's NVIDIA_DRIVER_PACKAGES +
+  aria2 git curl python3-venv python3-dev gcc) and of the driver (system.sh's NVIDIA_DRIVER_PACKAGES +
   linux-headers-cloud-amd64): bytes and seconds; unpacking those .deb files (dpkg-deb -x into a scratch
   folder: a lower bound of installing them);
 * uv: installing uv with pip into a fresh venv (system.sh install_uv, from PyPI); ``uv sync --frozen`` of
@@ -43,14 +43,17 @@ from typing import Any
 from common import REPO, Bench, child_python, evict, median, package_version, stat
 
 SYSTEM_SH = REPO / "gcp" / "scripts" / "system.sh"
-BASE_PACKAGES = ["ca-certificates", "aria2", "git", "curl", "python3-venv"]  # system.sh step_system
+# system.sh missing_base_packages on GCE's image (curl is there; ca-certificates is named with them)
+BASE_PACKAGES = ["ca-certificates", "aria2", "git", "curl", "python3-venv", "python3-dev", "gcc"]
 HEADERS = ["linux-headers-cloud-amd64"]  # system.sh also names linux-headers-$(uname -r): the same on the VM
 MODELS = {"dinov2_518": ("vit_base_patch14_dinov2.lvd142m", 518), "cpu_model_224": ("resnet18", 224)}
 
 
 def driver_packages() -> list[str]:
     m = re.search(r"^NVIDIA_DRIVER_PACKAGES=\(([^)]*)\)", SYSTEM_SH.read_text(), re.M)
-    return m.group(1).split() if m else ["nvidia-driver", "firmware-misc-nonfree", "nvidia-smi"]
+    if not m:
+        raise RuntimeError(f"{SYSTEM_SH}: no NVIDIA_DRIVER_PACKAGES=(...) line")
+    return m.group(1).split()
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:

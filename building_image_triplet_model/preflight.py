@@ -9,6 +9,8 @@ before any archive is read, and before anything is written.
   answers (then the weights are fetched now); offline is one clear error at once (exit 6);
 * the device: ``cuda`` must run a bf16 matmul, and a failure names the driver's and torch's CUDA versions
   (exit 6); ``auto`` takes CUDA only when it works.
+* ``compile: true``: triton and inductor compile C helpers with gcc against ``Python.h``; without them the
+  run is refused now (exit 2), not when the first batch compiles.
 * the trainer: where the config has the trainer's ``model:`` section, the width it will size its head for
   is compared with the embeddings' width; a mismatch is a warning (the artifact is right, the trainer's
   config is not, and it is not ours to write).
@@ -258,6 +260,32 @@ def resolve_precision(name: str, device: str) -> str:
     return "fp32"
 
 
+# --------------------------------------------------------------------------------------- compile toolchain
+def compile_toolchain_missing(include_dir: str | Path | None = None) -> list[str]:
+    """What torch.compile needs and this machine lacks: Python.h of the running interpreter (Debian's python3
+    has none without python3-dev) and a C compiler."""
+    import sysconfig
+
+    include = Path(include_dir if include_dir is not None else sysconfig.get_paths()["include"])
+    missing = []
+    if not (include / "Python.h").is_file():
+        missing.append(f"{include / 'Python.h'} (Debian: python3-dev)")
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        missing.append("a C compiler (Debian: gcc)")
+    return missing
+
+
+def check_compile(cfg: DataConfig, include_dir: str | Path | None = None) -> None:
+    if not cfg.compile:
+        return
+    missing = compile_toolchain_missing(include_dir)
+    if missing:
+        raise ConfigError(
+            f"data.compile: true needs {' and '.join(missing)}: torch.compile (triton, inductor) builds C "
+            "helpers with them; install them (the VM's system step does), or set compile: false"
+        )
+
+
 # ------------------------------------------------------------------------------------------------- model
 def check_model_name(name: str) -> None:
     import timm
@@ -399,12 +427,15 @@ def trainer_mismatch(cfg: DataConfig, model: Any) -> str | None:
     )
 
 
-def resolve(cfg: DataConfig) -> Resolved:
-    """Device, model, weights and identity, or the first error (BackboneError, exit 6)."""
+def resolve(cfg: DataConfig, fetch_weights: bool = True) -> Resolved:
+    """Device, model, weights and identity, or the first error (BackboneError, exit 6; ConfigError, exit 2).
+    ``fetch_weights=False`` (the VM's preflight: the forward pass runs the same kernels with any weights)
+    resolves random weights instead of finding or fetching the configured ones."""
+    check_compile(cfg)
     check_model_name(cfg.feature_model)
     # The device before the weights: a broken GPU fails now, not after a download of the weights.
     device, versions = resolve_device(cfg)
-    if cfg.pretrained:
+    if cfg.pretrained and fetch_weights:
         if cfg.weights_path:
             if not Path(cfg.weights_path).is_file():
                 raise BackboneError(f"data.weights_path: {cfg.weights_path}: no such file")

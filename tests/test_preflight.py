@@ -261,3 +261,25 @@ def test_the_width_is_what_the_model_returns_not_num_features(archives, tmp_path
     with torch.no_grad():
         real = model(torch.zeros(1, 3, 32, 32)).shape[-1]
     assert model.num_features != real == preflight.resolve(cfg).output_size == 1024
+
+
+def test_compile_without_python_h_or_a_compiler_is_refused_at_once(archives, tmp_path):
+    """Debian's python3 has no Python.h without python3-dev, and triton compiles its C helper against it:
+    refused before anything runs, naming the file and the package (here against a headers folder of its own;
+    this machine's interpreter has its headers)."""
+    from building_image_triplet_model import preflight
+    from building_image_triplet_model.errors import ConfigError
+
+    cfg, _ = load(tiny_config(tmp_path, archives[0], compile=True))
+    include = tmp_path / "include" / "python3.11"
+    include.mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        preflight.check_compile(cfg, include)
+    assert str(err.value).startswith(f"data.compile: true needs {include / 'Python.h'} (Debian: python3-dev)")
+    assert err.value.code == Exit.CONFIG
+    (include / "Python.h").write_text("/* the headers */\n")
+    preflight.check_compile(cfg, include)
+    cfg_off, _ = load(tiny_config(tmp_path / "off", archives[0], compile=False))
+    preflight.check_compile(cfg_off, tmp_path / "nothing")
+    # The interpreter's own headers are where the check looks by default.
+    assert preflight.compile_toolchain_missing() == []

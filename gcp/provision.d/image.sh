@@ -5,7 +5,10 @@
 # A managed group repairs a preempted VM by RECREATING it: a new boot disk from the image, so whatever the
 # startup script's `system` step installed (Debian's NVIDIA driver built by DKMS, aria2, git, uv) is installed
 # again at every recreation, 10 minutes or more before the first batch. The baked image holds all of it: the
-# step then finds everything in place and the VM reaches its first batch within minutes.
+# step then finds everything in place and the VM reaches its first batch within minutes. The driver's packages
+# and the kernel's are held in it (apt-mark hold, system.sh): every VM of the run has the same driver, and
+# unattended upgrades cannot swap its libraries under a running job; a new driver is a new image (--rebuild).
+# The bake refuses to power off into an image whose GPU stack is incomplete (system.sh step_bake).
 #
 # The builder: the template's machine and GPU (the driver builds and loads against the real device), STANDARD
 # provisioning (a preemption must not cut the bake short; automatic restart brings it back after a host
@@ -83,6 +86,6 @@ do_image() {
 	done
 	gc_run compute images create "$image" "${P[@]}" --source-disk="$BUILDER_NAME" --source-disk-zone="$ZONE" \
 		--family="$family" --storage-location="$REGION" --labels="$LABELS" \
-		--description="${CFG[IMAGE_PROJECT]}/${CFG[IMAGE_FAMILY]} with the NVIDIA driver, aria2, git and uv (gcp/provision.sh image)"
+		--description="${CFG[IMAGE_PROJECT]}/${CFG[IMAGE_FAMILY]} with Debian's NVIDIA driver (held), aria2, git and uv (gcp/provision.sh image)"
 	gc_run compute instances delete "$BUILDER_NAME" "${PZ[@]}" --quiet
 }

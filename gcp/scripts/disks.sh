@@ -9,6 +9,7 @@
 : "${TRIPLET_WORK_DISK:=work-scratch-512gb}"
 : "${TRIPLET_DISK_BY_ID_DIR:=/dev/disk/by-id}"
 : "${TRIPLET_FSTAB:=/etc/fstab}"
+: "${TRIPLET_SYSTEMD_UNIT_DIR:=/etc/systemd/system}"
 
 # mount_disk NAME MOUNTPOINT LABEL
 mount_disk() {
@@ -64,5 +65,22 @@ step_disks() {
   fi
   mount_disk "$TRIPLET_RAW_DISK" "$TRIPLET_MOUNT_RAW" raw
   mount_disk "$TRIPLET_WORK_DISK" "$TRIPLET_MOUNT_WORK" work
+  order_shutdown_after_mounts
+}
+
+# The fstab lines are `nofail`, so their mount units are not ordered before local-fs.target, and nothing
+# keeps them mounted while the guest agent's shutdown unit runs the shutdown script, which reads the work disk
+# (markers, the environment) and pushes from it. A drop-in orders that unit after the mounts, so that at
+# shutdown it stops (runs the script) before they are unmounted. (The job's own unit requires its mounts:
+# startup_preprocess.sh's start step.)
+order_shutdown_after_mounts() {
+  [[ -d /run/systemd/system ]] || return 0
+  local dir="$TRIPLET_SYSTEMD_UNIT_DIR/google-shutdown-scripts.service.d" text
+  text="$(printf '[Unit]\nRequiresMountsFor=%s %s\n' "$TRIPLET_MOUNT_RAW" "$TRIPLET_MOUNT_WORK")"
+  [[ "$(cat "$dir/triplet-mounts.conf" 2>/dev/null)" != "$text" ]] || return 0
+  mkdir -p "$dir"
+  printf '%s\n' "$text" >"$dir/triplet-mounts.conf"
+  "${TRIPLET_SYSTEMCTL:-systemctl}" daemon-reload || warn "disks: systemctl daemon-reload failed"
+  log "disks: the shutdown script's unit now stops before $TRIPLET_MOUNT_RAW and $TRIPLET_MOUNT_WORK are unmounted"
 }
 

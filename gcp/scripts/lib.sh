@@ -92,11 +92,18 @@ matches() {
 is_true() { [[ "${1,,}" =~ ^(1|true|yes|on)$ ]]; }
 
 # The project's Python: `sysvm` with Debian's python3 (before uv sync: standard-library modules only),
-# `vm` with the project's environment.
+# `vm` with the project's environment. `vm_cmd` puts vm's command line in the array VM_CMD, for callers
+# that start it in the background or exec it: a backgrounded shell function would run in a subshell, which
+# resets trapped signals, so a SIGTERM sent to its pid would kill the subshell and never reach Python.
 sysvm() { PYTHONPATH="${TRIPLET_SCRIPTS_REPO}" "${TRIPLET_SYS_PYTHON}" -m "building_image_triplet_model.$1" "${@:2}"; }
+vm_cmd() {
+  VM_CMD=(env "PYTHONPATH=${TRIPLET_REPO_DIR:-$TRIPLET_SCRIPTS_REPO}${PYTHONPATH:+:$PYTHONPATH}"
+    "${TRIPLET_PYTHON:-$TRIPLET_SCRIPTS_REPO/.venv/bin/python}" -m "building_image_triplet_model.$1" "${@:2}")
+}
 vm() {
-  PYTHONPATH="${TRIPLET_REPO_DIR:-$TRIPLET_SCRIPTS_REPO}${PYTHONPATH:+:$PYTHONPATH}" \
-    "${TRIPLET_PYTHON:-$TRIPLET_SCRIPTS_REPO/.venv/bin/python}" -m "building_image_triplet_model.$1" "${@:2}"
+  local -a VM_CMD
+  vm_cmd "$@"
+  "${VM_CMD[@]}"
 }
 
 # load_paths: the VM's folders (building_image_triplet_model/vm/paths.py, the one table) as variables.

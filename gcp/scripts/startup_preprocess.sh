@@ -93,6 +93,7 @@ load_paths
 : "${TRIPLET_PYTHON:=${TRIPLET_REPO_DIR}/.venv/bin/python}"
 export TRIPLET_PYTHON TRIPLET_REPO_DIR
 ALL_STEPS=(system disks repo uv config preflight ops-agent restore start)
+OPTIONAL_STEPS=(ops-agent) # of ALL_STEPS: a failure is a warning, and the boot goes on to the job
 OTHER_STEPS=(job checkpoint status paths bake)
 TRIPLET_CHILD_PID=""
 
@@ -114,10 +115,12 @@ start_log_file() {
   fi
 }
 
-# Python steps run as children, so that a SIGTERM to this script reaches them (on_term forwards it).
+# Python steps run as children, so that a SIGTERM to this script reaches them (on_term forwards it). The
+# command is started as a simple command, not as the shell function `vm`: its pid is then Python's own.
 run_vm() {
-  local rc=0
-  vm vm "$@" &
+  local rc=0 VM_CMD
+  vm_cmd vm "$@"
+  "${VM_CMD[@]}" &
   TRIPLET_CHILD_PID=$!
   wait "$TRIPLET_CHILD_PID" || rc=$?
   TRIPLET_CHILD_PID=""
@@ -225,8 +228,25 @@ step_start() {
     --description="3D Street View preprocessing (gcp/scripts/startup_preprocess.sh job)" \
     --property=After=network-online.target --property=Wants=network-online.target \
     --property=KillMode=mixed --property=KillSignal=SIGTERM --property=TimeoutStopSec=25 \
+    --property="RequiresMountsFor=$TRIPLET_MOUNT_RAW $TRIPLET_MOUNT_WORK" \
     "${setenv[@]}" --setenv=TRIPLET_LOG_FILE= --setenv=TRIPLET_EVENTS_FILE= --setenv=HOME="${HOME:-/root}" \
     /bin/bash "$SELF" job
+}
+
+# run_optional STEP FUNCTION: an optional step (OPTIONAL_STEPS) runs in a subshell with errexit on, so that
+# its failure, even a die, is a warning: the job must not wait for the next boot because, say, the Ops
+# Agent's repository was unreachable. The subshell is started in the background and traps SIGTERM itself,
+# so that a stop reaches whatever it runs.
+run_optional() {
+  local step="$1" rc=0
+  (
+    trap on_term TERM INT
+    "${@:2}"
+  ) &
+  TRIPLET_CHILD_PID=$!
+  wait "$TRIPLET_CHILD_PID" || rc=$?
+  TRIPLET_CHILD_PID=""
+  ((rc == 0)) || warn "$step: failed (exit $rc); it is optional: going on without it"
 }
 
 on_term() {
@@ -276,6 +296,10 @@ main() {
   log "steps: ${steps[*]} (mode $(run_mode), metadata ${TRIPLET_METADATA:-required})"
   for i in "${!steps[@]}"; do
     s="${steps[$i]}"
+    if [[ " ${OPTIONAL_STEPS[*]} " == *" $s "* ]]; then
+      run_optional "$s" "step_${s//-/_}"
+      continue
+    fi
     case "$s" in
       system) step_system ;;
       disks) step_disks; start_log_file startup ;;
@@ -292,11 +316,20 @@ main() {
       uv) step_uv ;;
       config) run_vm config || die "config: the settings or the preprocess YAML are invalid (see above)" ;;
       preflight) run_vm preflight || TRIPLET_DIE_CODE=$? die "preflight: the GPU cannot be used (state/preflight.json)" ;;
-      ops-agent) step_ops_agent ;;
       restore) run_vm restore || die "restore: the checkpoint could not be restored" ;;
       start) step_start ;;
       bake) step_bake ;;
-      job) run_vm job ;;
+      job)
+        # The job's unit runs the step `job` alone: Python then replaces this shell and becomes the unit's
+        # main process, so that the SIGTERM of a stop (KillMode=mixed sends it to the main process alone)
+        # reaches the job, which stops its children, saves and records the interruption.
+        if [[ "${steps[*]}" == job ]]; then
+          local VM_CMD
+          vm_cmd vm job
+          exec "${VM_CMD[@]}"
+        fi
+        run_vm job
+        ;;
       checkpoint) run_vm checkpoint ;;
       status) run_vm status ;;
     esac

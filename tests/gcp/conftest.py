@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gcp_helpers import Emulator, LoopDisks, loop_skip_reason
+from gcp_helpers import Emulator, LoopDisks, attached_loop_disks
 from gcp_servers import MetadataServer
 
 from building_image_triplet_model.vm.fileserver import RangeServer
@@ -131,21 +131,5 @@ def bucket(gcs_emulator: Emulator) -> str:
 @pytest.fixture
 def loop_disks(tmp_path: Path) -> Iterator[LoopDisks]:
     """Two blank 64 MiB loop devices named like the VM's disks."""
-    reason = loop_skip_reason()
-    if reason:
-        pytest.skip(f"loop-device disks unavailable: {reason}")
-    devices: dict[str, str] = {}
-    try:
-        for name in ("raw-data-1tb", "work-scratch-512gb"):
-            img = tmp_path / f"{name}.img"
-            with open(img, "wb") as f:
-                f.truncate(64 * 1024 * 1024)
-            out = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True)
-            if out.returncode != 0:
-                pytest.skip(f"losetup is not allowed here: {out.stderr.strip()}")
-            devices[name] = out.stdout.strip()
-        yield LoopDisks(tmp_path, devices)
-    finally:
-        for dev in devices.values():
-            subprocess.run(["umount", "-l", dev], capture_output=True)
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
+    with attached_loop_disks(tmp_path, {"raw-data-1tb": 64 << 20, "work-scratch-512gb": 64 << 20}) as disks:
+        yield disks

@@ -1,8 +1,9 @@
 """The preemption drill: the whole startup flow on sample archives (served over HTTP to aria2c, extracted,
 preprocessed by the real engine with a tiny CPU model), killed at random moments of every phase, either as a
-preemption (SIGTERM to the process group, then the shutdown script with instance/preempted=TRUE) or as a
-power loss (SIGKILL), and run again until done. The final artifact equals the engine's own uninterrupted
-run's, no completed phase runs again, and the preemption count is right."""
+preemption (SIGTERM to the main process as systemd sends it, the shutdown script with
+instance/preempted=TRUE, then SIGKILL to what is left) or as a power loss (SIGKILL), and run again until
+done. The final artifact equals the engine's own uninterrupted run's, no completed phase runs again, and the
+preemption count is right."""
 
 from __future__ import annotations
 

@@ -159,8 +159,9 @@ def test_a_preemption_and_a_power_loss_while_both_run_resume_both(
     tmp_path: Path, range_server: RangeServer, metadata_server: MetadataServer
 ) -> None:
     """The default flow (archives read in place) stopped while aria2c downloads and the real engine embeds:
-    first as a preemption (SIGTERM to the group, then the shutdown script with instance/preempted=TRUE),
-    then as a power loss (SIGKILL). Each run continues both; the end equals the engine's own run."""
+    first as a preemption (SIGTERM to the main process as systemd sends it, the shutdown script with
+    instance/preempted=TRUE, then SIGKILL to what is left), then as a power loss (SIGKILL). Each run
+    continues both; the end equals the engine's own run."""
     archives = sample_archives(range_server.root, archives=3, targets=8, image_size=96, bad=True)
     reference = start_reference(tmp_path, archives)
     env = vm_env(

@@ -1,6 +1,8 @@
 """The VM's preflight (``startup_preprocess.sh ... preflight``) with the locked torch on this GPU-less
 machine: a YAML that asks for CUDA stops the startup before the job with exit 6 and one recorded message
-naming the driver and torch's CUDA version; the CPU passes; a failure is not retried in a loop."""
+naming the driver and torch's CUDA version; the CPU passes after one real forward pass of the configured
+model at the configured size, and a forward pass that fails stops the startup; a failure is not retried in a
+loop."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from building_image_triplet_model.vm.gpu_check import nvidia_present
 pytestmark = pytest.mark.skipif(nvidia_present(), reason="an NVIDIA GPU is here: CUDA would pass the check")
 
 
-def preflight_env(tmp: Path, device: str) -> dict[str, str]:
-    data = {**TINY, "device": device}
+def preflight_env(tmp: Path, device: str, **overrides: Any) -> dict[str, str]:
+    data = {**TINY, "device": device, **overrides}
     cfg = write_config(tmp / "preprocess.yaml", input_dir="x", hdf5_path="out/dataset.h5", **data)
     return script_env(
         tmp,
@@ -74,4 +76,29 @@ def test_cpu_passes_and_replaces_an_earlier_failure(tmp_path: Path) -> None:
     m = preflight(tmp_path)
     assert (m["status"], m["device"], m["checks"]) == ("done", "cpu", 4)
     assert "message" not in m
-    assert "preflight: device cpu and no GPU needed" in r.stderr
+    # One real forward pass of the configured model, at its size, precision and batch size.
+    forward = {k: v for k, v in m["forward"].items() if k != "seconds"}
+    assert forward == {
+        "model": TINY["feature_model"],
+        "input": f"{TINY['image_size']}x{TINY['image_size']}",
+        "precision": "fp32",
+        "batch": TINY["batch_size"],
+        "compile": False,
+    }
+    assert f"one forward pass of {TINY['batch_size']} images at 32x32 in fp32 on cpu ran" in r.stderr
+
+
+def test_a_forward_pass_that_fails_stops_the_startup_naming_the_model_and_size(tmp_path: Path) -> None:
+    """A ViT at a size its patches do not divide: the model is created (the size is only resampled), and
+    only its forward pass fails, as a missing kernel on the GPU would."""
+    env = preflight_env(tmp_path, "cpu", feature_model="test_vit.r160_in1k", image_size=40)
+    r = run_script("startup_preprocess.sh", "config", "preflight", env=env)
+    assert r.returncode == Exit.MODEL, r.stderr[-3000:]
+    m = preflight(tmp_path)
+    assert (m["status"], m["checks"]) == ("failed", 1)
+    assert m["message"].startswith(
+        "test_vit.r160_in1k: one forward pass of 8 images at 40x40 in fp32 on cpu failed: "
+    ), m["message"]
+    assert "divisible by patch size" in m["message"]
+    assert r.stderr.count("preflight: the model cannot run:") == 1
+    assert "Traceback" not in r.stderr

@@ -28,6 +28,7 @@ from gcp_helpers import (
     sample_archives,
     script_env,
     start_script,
+    unshare_skip_reason,
     write_manifest,
 )
 from gcp_servers import MetadataServer
@@ -418,6 +419,7 @@ def test_systemd_mode_starts_the_job_as_its_own_unit(tmp_path: Path) -> None:
     assert "--unit=triplet-preprocess" in args
     assert "--collect" in args
     assert "--property=KillMode=mixed" in args
+    assert f"--property=RequiresMountsFor={tmp_path / 'raw'} {tmp_path / 'work'}" in args
     assert f"--setenv=TRIPLET_RUN_DIR={tmp_path / 'run'}" in args
     assert args[-2:] == [str(SCRIPTS / "startup_preprocess.sh"), "job"]
     assert not any(a.startswith("--setenv=TRIPLET_LOCK") for a in args)
@@ -610,9 +612,9 @@ def test_a_truncated_download_fails_the_phase_and_never_reaches_the_engine(
 def test_a_preemption_while_both_run_resumes_both(
     tmp_path: Path, range_server: RangeServer, metadata_server: MetadataServer
 ) -> None:
-    """SIGTERM to the whole job (systemd stopping the unit) and the shutdown script while the download and
-    the engine both run: both phases are marked interrupted, the preemption is counted with its phase, and
-    the next boot resumes the partial download with a Range request and completes both."""
+    """SIGTERM to the job's main process (systemd stopping the unit) and the shutdown script while the
+    download and the engine both run: both phases are marked interrupted, the preemption is counted with
+    its phase, and the next boot resumes the partial download with a Range request and completes both."""
     archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
     range_server.rate = archives[0].stat().st_size // 2  # ~2 s per archive, one at a time
     env = http_flow_env(
@@ -631,9 +633,12 @@ def test_a_preemption_while_both_run_resumes_both(
             running = time.monotonic() < deadline and proc.poll() is None
             assert running, (tmp_path / "first-boot.log").read_text()
             time.sleep(0.05)
+        # The rest of the second archive slowly: the stop goes from the main process to the job, then to
+        # the download script and aria2c, which must still be downloading when it arrives (a busy machine).
+        range_server.rate = archives[1].stat().st_size // 30
         time.sleep(1.2)  # aria2c saves its control file every second
         assert marker(work, "download")["status"] == marker(work, "preprocess")["status"] == "running"
-        kill_group(proc, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)  # the main process alone, as systemd does (KillMode=mixed)
         metadata_server.values["instance/preempted"] = "TRUE"
         sd = run_script("shutdown_preprocess.sh", env=env)
         assert sd.returncode == 0, sd.stderr
@@ -662,3 +667,58 @@ def test_a_preemption_while_both_run_resumes_both(
     assert {q.path for q in range_server.requests[n_before:]} == {f"/{archives[1].name}"}
     for a in archives:
         assert (archive_dir / a.name).read_bytes() == a.read_bytes()
+
+
+def test_sigterm_to_the_units_main_pid_alone_stops_the_job_and_records_it(
+    tmp_path: Path, range_server: RangeServer
+) -> None:
+    """A stop as systemd makes it with KillMode=mixed: SIGTERM to the unit's main process alone (what
+    systemd-run started, `startup_preprocess.sh job`), then SIGKILL to everything left once it has exited.
+    The job must get the signal, stop the download and the engine, and record the interruption."""
+    archives = sample_archives(range_server.root, archives=2, targets=8, image_size=96)
+    range_server.rate = archives[0].stat().st_size // 2  # ~2 s per archive: both phases still run
+    env = http_flow_env(tmp_path, range_server, [a.name for a in archives])
+    r = run_script("startup_preprocess.sh", "config", env=env)
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / "unit.log"
+    proc = start_script("startup_preprocess.sh", "job", env=env, log=log)
+    work = tmp_path / "work"
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "starts.txt").exists() and range_server.requests):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert marker(work, "download")["status"] == marker(work, "preprocess")["status"] == "running"
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        kill_group(proc, signal.SIGKILL)  # KillMode=mixed: what is left after the main process is killed
+        proc.wait(30)
+    assert code == 143, log.read_text()
+    assert (marker(work, "download")["status"], marker(work, "preprocess")["status"]) == (
+        "interrupted",
+        "interrupted",
+    ), log.read_text()
+    assert "SIGTERM: stopping" in log.read_text()
+
+
+def test_a_failed_optional_step_warns_and_the_boot_goes_on_to_the_job(tmp_path: Path) -> None:
+    """The Ops Agent's repository unreachable (no network at all here: a network namespace of its own, so
+    nothing can be installed on this machine): the ops-agent step fails, the boot goes on to restore and
+    start, and the job runs to the end."""
+    reason = unshare_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = flow_env(tmp_path, TRIPLET_SKIP_SYSTEM="0", TRIPLET_INSTALL_OPS_AGENT="true")
+    steps = ("config", "ops-agent", "restore", "start")
+    r = subprocess.run(
+        ["unshare", "-n", "bash", str(SCRIPTS / "startup_preprocess.sh"), *steps],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ops-agent: failed (exit" in r.stderr
+    assert "it is optional: going on without it" in r.stderr
+    assert marker(tmp_path / "work", "done")["status"] == "done"

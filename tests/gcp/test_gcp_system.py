@@ -163,3 +163,56 @@ def test_a_bake_leaves_nothing_of_its_own_vm_on_the_disk_that_becomes_the_image(
     assert not (state / "driver-reboot-done").exists(), "a VM from the image must get its own reboot"
     work = tmp_path / "work"
     assert not work.exists() or not any(work.rglob("*")), "no log file is baked into the image"
+
+
+def install_nvidia(tmp: Path, scenario: str) -> subprocess.CompletedProcess[str]:
+    """system.sh's install_nvidia on a machine with an NVIDIA device (the PCI probe answers yes) where the
+    driver does not load, with ``scenario`` standing in for what apt did (the real installs are
+    tests/pristine/test_gpu_install.py and `make gpu-stack-check`); systemctl records what it was asked."""
+    scripts = Path(__file__).resolve().parents[2] / "gcp" / "scripts"
+    body = f"""
+        set -Eeuo pipefail
+        source {scripts}/lib.sh; source {scripts}/system.sh
+        nvidia_present() {{ return 0; }}
+        sysvm() {{ echo install; }}
+        modprobe() {{ return 1; }}
+        nvidia-smi() {{ return 1; }}
+        install_gpu_stack() {{ {scenario}; }}
+        install_nvidia
+        echo "returned"
+    """
+    env = {
+        "PATH": os.environ["PATH"],
+        "TRIPLET_SYSTEM_STATE_DIR": str(tmp / "state"),
+        "TRIPLET_SYSTEMCTL": str(tmp / "systemctl"),
+    }
+    (tmp / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {tmp}/calls\n')
+    (tmp / "systemctl").chmod(0o755)
+    return subprocess.run(["bash", "-c", body], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_a_new_kernel_reboots_once_and_a_second_time_is_an_error(tmp_path: Path) -> None:
+    """No headers for the running kernel: the current cloud kernel was installed and the module built for it,
+    so the VM reboots into it, once; a VM that comes back on the old kernel stops with the reason."""
+    r = install_nvidia(tmp_path, "TRIPLET_KERNEL_CHANGED=1")
+    assert r.returncode == 0, r.stderr
+    assert "returned" not in r.stdout, "the step ends with the reboot"
+    assert (tmp_path / "calls").read_text() == "systemctl reboot\n"
+    assert "system: the driver was built for the current cloud-amd64 kernel, not the running" in r.stderr
+    assert (tmp_path / "state" / "driver-reboot-done").is_file()
+
+    r = install_nvidia(tmp_path, "TRIPLET_KERNEL_CHANGED=1")
+    assert r.returncode == 1
+    assert (tmp_path / "calls").read_text() == "systemctl reboot\n", "no second reboot"
+    assert "Debian keeps no headers for it" in r.stderr and "ERROR: system: still running kernel" in r.stderr
+
+
+def test_a_module_that_does_not_load_reboots_once_then_names_secure_boot(tmp_path: Path) -> None:
+    r = install_nvidia(tmp_path, "TRIPLET_KERNEL_CHANGED=0")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "calls").read_text() == "systemctl reboot\n"
+    assert "the driver needs a reboot to load" in r.stderr
+    r = install_nvidia(tmp_path, "TRIPLET_KERNEL_CHANGED=0")
+    assert r.returncode == 1
+    assert "nvidia-smi fails (secure boot on?" in r.stderr
+    assert (tmp_path / "calls").read_text() == "systemctl reboot\n"
