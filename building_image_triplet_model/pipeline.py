@@ -223,7 +223,7 @@ def execute(
                 "data.embeddings_dir: a scale-out worker or merge publishes and reads its stores inside its "
                 "run folder; remove the key for a scale-out run"
             )
-        preflight.check_output_location(layout.output.parent, layout.work)
+        preflight.check_output_location(layout.output.parent, layout.work, layout.emb_root)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
         resolved = None if mode == "merge" else preflight.resolve(cfg)

@@ -190,10 +190,12 @@ def test_the_shared_folder_obeys_the_ownership_rules(tmp_path: Path, world: dict
     users = tmp_path / "mine"
     users.mkdir()
     (users / "notes.txt").write_bytes(b"the user's own file")
+    (tmp_path / "a_file").write_bytes(b"")
     for folder, words in (
         (users, "is not this engine's"),
         (world["archives"] / "emb", "lies inside data.input_dir"),
         (tmp_path / "a", "contains the work folder"),
+        (tmp_path / "a_file" / "emb", "is a file, not a folder"),  # checked before anything is written
     ):
         cfg = _configs(tmp_path, world, folder)["a"]
         rc, out = _run(cfg)
