@@ -74,6 +74,7 @@ class DataConfig:
     input_dir: str
     hdf5_path: str
     work_dir: str | None = None  # default: <hdf5 stem>.work next to the output
+    embeddings_dir: str | None = None  # the embedding stores, shared by outputs naming it (default: work_dir)
     manifest: str | None = None  # aria2c manifest: the archives a run expects (scale-out, --follow)
     # Selection and splits
     n_samples: int | None = None  # number of targets to keep (None: all)
@@ -195,7 +196,7 @@ _INT_MAX = {
 }
 # A week; half the equator.
 _FLOAT_MAX = {"embedding_chunk_interval_s": 7 * 86400.0, "split_cell_m": 20_037_508.0}
-_PATH_KEYS = ("input_dir", "hdf5_path", "work_dir", "manifest", "weights_path")
+_PATH_KEYS = ("input_dir", "hdf5_path", "work_dir", "embeddings_dir", "manifest", "weights_path")
 _NOT_FROM_FILE = frozenset({"warnings", "trainer"})
 
 

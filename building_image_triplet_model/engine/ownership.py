@@ -10,6 +10,12 @@
   :func:`made_before_the_marker`, is adopted (the marker is added), so that no one starts over.
 
 Even in its own folder the engine deletes only the names the Layout defines (workdir.Layout.discard).
+
+* **A shared embeddings folder** (``data.embeddings_dir``) obeys the same rules with its own marker,
+  :data:`EMB_OWNER_MARKER`: apart from the input, apart from the work folder and the output's files, and
+  refused when it exists, is not empty and has no marker. It belongs to every output naming it, so no single
+  output deletes it: ``--fresh`` never touches it and ``--discard-embeddings`` is refused with it
+  (:func:`check_discard`). Each output that used it records so in ``users/`` (:func:`record_user`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from building_image_triplet_model.config import DataConfig
 from building_image_triplet_model.errors import ConfigError
 from building_image_triplet_model.io import durable
 from building_image_triplet_model.io.progress import utc_now
-from building_image_triplet_model.io.workdir import OWNER_MARKER, Layout
+from building_image_triplet_model.io.workdir import EMB_OWNER_MARKER, OWNER_MARKER, Layout
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ def check_apart_from_input(cfg: DataConfig, layout: Layout) -> None:
     inp = _real(Path(cfg.input_dir))
     ours = [("data.hdf5_path", layout.output)]
     ours += [("data.work_dir" if cfg.work_dir else "the work folder", layout.work)]
+    if layout.shared_emb is not None:
+        ours += [("data.embeddings_dir", layout.shared_emb)]
     beside = (layout.partial, layout.rejects, layout.stats, layout.log)
     ours += [(f"the output's file {p.name}", p) for p in beside]
     for what, path in ours:
@@ -92,7 +100,7 @@ def _layout_names(layout: Layout) -> dict[str, bool]:
         layout.plan_json,
         layout.assemble_json,
     )
-    dirs = (layout.index_dir, layout.knn_root, layout.emb_root, layout.corrupt_dir)
+    dirs = (layout.index_dir, layout.knn_root, layout.own_emb_root, layout.corrupt_dir)
     return {p.name: False for p in files} | {p.name: True for p in dirs}
 
 
@@ -189,3 +197,96 @@ def claim_work_folder(layout: Layout) -> None:
         record["adopted"] = "a work folder of the release before this marker, recognised by its own files"
         log.info("%s: a work folder of an earlier release: adopted (nothing in it is lost)", layout.work)
     durable.write_json(layout.owner_marker, record)
+
+
+# ---------------------------------------------------------------------------- a shared embeddings folder
+def _emb_marker(folder: Path) -> dict | None:
+    try:
+        m = durable.read_json(folder / EMB_OWNER_MARKER)
+    except durable.CorruptFileError:
+        return None
+    return m if isinstance(m, dict) and m.get("owner") == OWNER else None
+
+
+def check_embeddings_folder(layout: Layout) -> None:
+    """Read-only: ConfigError (exit 2) naming data.embeddings_dir when it overlaps the work folder or a file
+    of the output, or exists, is not empty and is not this engine's (no marker)."""
+    folder = layout.shared_emb
+    if folder is None:
+        return
+    real = _real(folder)
+    mine = [("the work folder", layout.work), ("data.hdf5_path", layout.output)]
+    mine += [(f"the output's file {p.name}", p) for p in (layout.partial, layout.rejects, layout.stats)]
+    for what, path in mine:
+        how = _overlap(real, _real(path))
+        if how is not None:
+            raise ConfigError(
+                f"data.embeddings_dir {_shown(folder, real)} {how} {what} {path}: a shared embeddings "
+                "folder stands apart from every output (leave the key unset to keep them in the work folder)"
+            )
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: data.embeddings_dir is not a folder")
+    if _emb_marker(folder) is not None:
+        return
+    half = f".{EMB_OWNER_MARKER}."
+    if any(not (e.name.startswith(half) and e.name.endswith(durable.TMP_SUFFIX)) for e in folder.iterdir()):
+        raise ConfigError(
+            f"{folder}: data.embeddings_dir exists, is not empty and is not this engine's (no "
+            f"{EMB_OWNER_MARKER}); the engine writes only into a folder it created: name a new or empty "
+            "folder"
+        )
+
+
+def claim_embeddings_folder(layout: Layout) -> None:
+    """Create data.embeddings_dir (or adopt an empty one) and mark it as the engine's."""
+    folder = layout.shared_emb
+    if folder is None or _emb_marker(folder) is not None:
+        return
+    check_embeddings_folder(layout)
+    folder.mkdir(parents=True, exist_ok=True)
+    durable.write_json(layout.emb_owner_marker, {"owner": OWNER, "kind": "embeddings", "created": utc_now()})
+
+
+def read_users(layout: Layout) -> list[dict]:
+    """Every output recorded as a user of the shared embeddings folder (none for a work folder's own)."""
+    out = []
+    if layout.shared_emb is not None and layout.emb_users.is_dir():
+        for path in sorted(layout.emb_users.glob("*.json")):
+            try:
+                record = durable.read_json(path)
+            except durable.CorruptFileError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("stores"), list):
+                out.append(record)
+    return out
+
+
+def record_user(layout: Layout, model_key: str, stores: list[str]) -> None:
+    """users/<output digest>.json: this output uses these stores (durable; rewritten when they change)."""
+    if layout.shared_emb is None:
+        return
+    path = layout.emb_user_file()
+    record = {"output": str(_real(layout.output)), "work_dir": str(_real(layout.work))}
+    record |= {"model_key": model_key, "stores": sorted(stores)}
+    try:
+        old = durable.read_json(path) or {}
+    except durable.CorruptFileError:
+        old = {}
+    if {k: old.get(k) for k in record} != record:
+        durable.write_json(path, {**record, "updated": utc_now()})
+
+
+def check_discard(layout: Layout, discard_embeddings: bool) -> None:
+    """--discard-embeddings removes only a work folder's own embeddings: with a shared data.embeddings_dir
+    it is refused (exit 2), naming the outputs recorded as using it, before anything is removed."""
+    if not discard_embeddings or layout.shared_emb is None:
+        return
+    others = [u["output"] for u in read_users(layout) if u.get("output") != str(_real(layout.output))]
+    users = f"; other outputs recorded as using it: {', '.join(others)}" if others else ""
+    raise ConfigError(
+        f"--discard-embeddings: data.embeddings_dir {layout.shared_emb} is shared by every output that names "
+        f"it{users}; the engine never discards it for one output: use --fresh (which keeps it), or remove "
+        "the folder yourself when no output needs it"
+    )

@@ -25,7 +25,14 @@ from building_image_triplet_model.config import DataConfig
 from building_image_triplet_model.engine import machine, ownership, preflight, space, steps
 from building_image_triplet_model.engine.artifact import finish as artifact
 from building_image_triplet_model.engine.context import Hooks, Mode, RunContext
-from building_image_triplet_model.errors import BackboneError, InputError, Interrupted, RunError, disk_full
+from building_image_triplet_model.errors import (
+    BackboneError,
+    ConfigError,
+    InputError,
+    Interrupted,
+    RunError,
+    disk_full,
+)
 from building_image_triplet_model.exit_codes import MEANINGS, Exit
 from building_image_triplet_model.inputs.sources import list_sources
 from building_image_triplet_model.io import durable
@@ -218,7 +225,14 @@ def execute(
         # Whose folders these are, before anything is read or written (ownership.py).
         ownership.check_apart_from_input(cfg, layout)
         ownership.check_work_folder(layout)
-        preflight.check_output_location(layout.output.parent, layout.work)
+        ownership.check_embeddings_folder(layout)
+        ownership.check_discard(layout, discard_embeddings)
+        if mode != "single" and layout.shared_emb is not None:
+            raise ConfigError(
+                "data.embeddings_dir: a scale-out worker or merge publishes and reads its stores inside its "
+                "run folder; remove the key for a scale-out run"
+            )
+        preflight.check_output_location(layout.output.parent, layout.work, layout.emb_root)
         if mode != "merge" and not follow:
             list_sources(cfg.input_dir)  # a missing folder, an unfinished download: now, not after minutes
         resolved = None if mode == "merge" else preflight.resolve(cfg)
@@ -230,6 +244,7 @@ def execute(
             space.check_disk_space_for(cfg, layout, resolved.output_size)
         layout.output.parent.mkdir(parents=True, exist_ok=True)
         ownership.claim_work_folder(layout)
+        ownership.claim_embeddings_folder(layout)
         setup_logging(layout.log, layout.events)
         for note in cfg.warnings:
             log.warning("%s", note, extra=FILE_ONLY)  # the console has shown them already

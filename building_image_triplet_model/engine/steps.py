@@ -18,6 +18,7 @@ from building_image_triplet_model.engine import (
     identity,
     index,
     machine,
+    ownership,
     plan,
     space,
 )
@@ -262,8 +263,46 @@ def image_reader(ctx: RunContext) -> ImageReader:
     )
 
 
+def _locked_rows(ctx: RunContext, work: embed.Work) -> bool:
+    """Under the store's lock: the rows still missing now (another run may have embedded some since the
+    store was read), and the leftovers of its chunk writes that a kill interrupted. False: nothing left."""
+    for tmp in work.store.folder.glob(f".*-*.npz.*{durable.TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+    before = len(work.rows)
+    if work.store.marker():
+        work.rows = work.rows[:0]
+    else:
+        work.rows = np.setdiff1d(work.rows, work.store.done_rows(), assume_unique=True)
+    if len(work.rows) < before:
+        ctx.progress.advance("embed", before - len(work.rows))  # embedded by another run: reused
+        log.info(
+            "%s: %d images embedded by another run meanwhile: reused", work.name, before - len(work.rows)
+        )
+    return bool(len(work.rows))
+
+
+def _wait_for_store(ctx: RunContext, work: embed.Work) -> workdir.RunLock:
+    """Block until the run writing this store lets go of it (or dies: the kernel drops its lock)."""
+    lock = workdir.RunLock(ctx.layout.store_lock(ctx.model_key, work.store.folder))
+    holder = workdir.lock_holder(lock.path)
+    log.info("%s: waiting for the run that is embedding it (pid %s, lock %s)", work.name, holder, lock.path)
+    while not lock.try_acquire():
+        if ctx.stop.wait(0.5):
+            raise Interrupted
+    return lock
+
+
 def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool = False) -> None:
-    """Embed every needed row that no store holds yet (``names``: only these archives)."""
+    """Embed every needed row that no store holds yet (``names``: only these archives).
+
+    A store is written only under its lock (workdir.Layout.store_lock), so runs sharing data.embeddings_dir
+    never write the same store at once: a store another run holds is left for later, the others are embedded
+    first, then the run waits for it and embeds only what is still missing."""
+    ownership.record_user(
+        ctx.layout,
+        ctx.model_key,
+        [f"{ctx.model_key}/{store_of(ctx, n).name}" for n in ctx.names if n in ctx.markers],
+    )
     works = pending_works(ctx, names, all_rows)
     todo = sum(len(w.rows) for w in works)
     if not todo:
@@ -273,9 +312,6 @@ def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool =
         raise InputError(
             f"embeddings of {', '.join(absent)} are missing, and so are the archives in {ctx.cfg.input_dir}"
         )
-    for w in works:
-        shard = index.load_shard(ctx.layout, w.name, ctx.markers[w.name], lazy=True)
-        w.locators = {k: shard[k][w.rows] for k in ("path", "offset", "size", "checksum")}
     record_model(ctx)
     backbone = ctx.backbone()
     reader = image_reader(ctx)
@@ -296,9 +332,30 @@ def embed_rows(ctx: RunContext, names: list[str] | None = None, all_rows: bool =
 
     chunk = ctx.hooks.on_chunk
     on_chunk = (lambda w: chunk(ctx, w)) if chunk else None
-    complete = embed.embed_all(works, backbone, reader, ctx.cfg, ctx.stop, batch, on_chunk, changed)
-    if ctx.stop.is_set() or not complete:
-        raise Interrupted
+    left = works
+    while left:
+        held: list[tuple[embed.Work, workdir.RunLock]] = []
+        busy: list[embed.Work] = []
+        for w in left:
+            lock = workdir.RunLock(ctx.layout.store_lock(ctx.model_key, w.store.folder))
+            if lock.try_acquire():
+                held.append((w, lock))
+            else:
+                busy.append(w)
+        if not held:  # every store left is another run's now: wait for the first
+            held, busy = [(busy[0], _wait_for_store(ctx, busy[0]))], busy[1:]
+        try:
+            ready = [w for w, _ in held if _locked_rows(ctx, w)]
+            for w in ready:
+                shard = index.load_shard(ctx.layout, w.name, ctx.markers[w.name], lazy=True)
+                w.locators = {k: shard[k][w.rows] for k in ("path", "offset", "size", "checksum")}
+            complete = embed.embed_all(ready, backbone, reader, ctx.cfg, ctx.stop, batch, on_chunk, changed)
+        finally:
+            for _, lock in held:
+                lock.release()
+        if ctx.stop.is_set() or not complete:
+            raise Interrupted
+        for w in ready:
+            log.info("embedded %s: %d images", w.name, len(w.rows))
+        left = busy
     ctx.progress.finish(step)
-    for w in works:
-        log.info("embedded %s: %d images", w.name, len(w.rows))

@@ -14,8 +14,13 @@
       knn/<knn key>/<split>/...       KNN rows in chunks; <split>/_SUCCESS.json when complete
       emb/<model key>/model.json      what the model key stands for
       emb/<model key>/<source>-<content key>/   an archive's embeddings (embed/store.py)
+      emb/<model key>/.locks/<source>-<content key>.lock   held (POSIX lock) by the run writing that store
       assemble.json                   how far the copy into the artifact got
       corrupt/                        committed files that did not read back, moved aside
+
+With ``data.embeddings_dir`` the ``emb/`` tree above lives in that folder instead, shared by every output
+that names it (each image embedded once per model); it holds its own ownership marker (EMB_OWNER_MARKER),
+``users/<output digest>.json`` (each output that used it, and its stores), and ``corrupt/``.
 
 Keys are digests (identity.py) of exactly what determines a folder's contents, so a changed setting finds
 a different folder instead of mixing with the old one. Every committed file is immutable, written through
@@ -24,6 +29,7 @@ durable.py, with a commit marker (_SUCCESS.json, written by :func:`commit`) last
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS.json"
 CACHE_NAME = "metadata_cache_complete.npz"
 OWNER_MARKER = "work_folder.json"  # the engine made this folder (ownership.py): the only one it writes in
+EMB_OWNER_MARKER = "embeddings_folder.json"  # the same for a shared data.embeddings_dir
 INDEX_VERSION = 2  # 2: image checksums; a shard of another version is indexed again
 
 
@@ -49,6 +56,8 @@ class Layout:
     def __init__(self, cfg: DataConfig) -> None:
         self.output = Path(cfg.hdf5_path)
         self.work = Path(cfg.work_dir) if cfg.work_dir else self.output.with_name(self.output.stem + ".work")
+        # data.embeddings_dir: the stores live there, shared with every output naming it (None: own emb/)
+        self.shared_emb = Path(cfg.embeddings_dir) if cfg.embeddings_dir else None
 
     def _beside(self, suffix: str) -> Path:
         return self.output.with_name(self.output.stem + suffix)
@@ -124,8 +133,29 @@ class Layout:
         return self.knn_root / knn_key / split
 
     @property
-    def emb_root(self) -> Path:
+    def own_emb_root(self) -> Path:
+        """The work folder's own embeddings (the default; the only ones --discard-embeddings removes)."""
         return self.work / "emb"
+
+    @property
+    def emb_root(self) -> Path:
+        return self.shared_emb if self.shared_emb is not None else self.own_emb_root
+
+    @property
+    def emb_owner_marker(self) -> Path:
+        return self.emb_root / EMB_OWNER_MARKER
+
+    @property
+    def emb_users(self) -> Path:
+        """One file per output that used the shared embeddings folder (status: who shares a store)."""
+        return self.emb_root / "users"
+
+    def emb_user_file(self, output: Path | None = None) -> Path:
+        out = os.path.realpath(output or self.output)
+        return self.emb_users / f"{hashlib.sha256(out.encode()).hexdigest()[:16]}.json"
+
+    def store_lock(self, model_key: str, store: Path) -> Path:
+        return self.model_dir(model_key) / ".locks" / f"{store.name}.lock"  # *.lock: checkpoints skip it
 
     def model_dir(self, model_key: str) -> Path:
         return self.emb_root / model_key
@@ -200,16 +230,19 @@ class Layout:
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move a committed file that did not read back out of the way (kept for a look, never read). Only
         the engine's files move: one of its work folder, or the stats or rejects file beside the output."""
-        inside = path.is_relative_to(self.work) and ".." not in path.relative_to(self.work).parts
+        home, corrupt = self.work, self.corrupt_dir
+        if self.shared_emb is not None and path.is_relative_to(self.shared_emb):
+            home, corrupt = self.shared_emb, self.shared_emb / "corrupt"  # a shared store's file stays there
+        inside = path.is_relative_to(home) and ".." not in path.relative_to(home).parts
         if not inside and path not in (self.stats, self.rejects):
             raise RunError(f"{path} did not read back ({reason}); it is not the engine's file to move aside")
-        rel = path.relative_to(self.work) if inside else Path(path.name)
+        rel = path.relative_to(home) if inside else Path(path.name)
         # The time and a counter: a file damaged twice within a second keeps both copies.
         stem = f"{rel.as_posix().replace('/', '__')}.{time.strftime('%Y%m%dT%H%M%S')}"
-        target = self.corrupt_dir / stem
+        target = corrupt / stem
         n = 1
         while target.exists():
-            target, n = self.corrupt_dir / f"{stem}.{n}", n + 1
+            target, n = corrupt / f"{stem}.{n}", n + 1
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             os.replace(path, target)
@@ -224,10 +257,12 @@ class Layout:
     def discard(self, keep_embeddings: bool) -> None:
         """--fresh: the artifact, the plan, the KNN tables and the index (every archive is indexed again)
         go; the embedding stores stay unless told otherwise: unchanged archives reuse them. Only these names
-        are removed: anything else in the work folder or beside the output is not the engine's and stays."""
+        are removed: anything else in the work folder or beside the output is not the engine's and stays.
+        A shared data.embeddings_dir is never touched here (the caller refuses --discard-embeddings with
+        one: ownership.check_discard)."""
         files = [self.output, self.partial, self.stats, self.rejects, self.run_json, self.progress_json]
         files += [self.cache, self.plan, self.plan_json, self.assemble_json]
-        folders = [self.index_dir, self.knn_root] + ([] if keep_embeddings else [self.emb_root])
+        folders = [self.index_dir, self.knn_root] + ([] if keep_embeddings else [self.own_emb_root])
         for path in files + folders:
             if path.is_symlink() or (path.is_file() and path in files):
                 log.warning("--fresh: removing %s", path)
@@ -242,7 +277,9 @@ class Layout:
         for path in self.work.glob(f".*{durable.TMP_SUFFIX}"):
             if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
-        for folder in (self.index_dir, self.knn_root, self.emb_root):
+        # A shared embeddings folder's temporary files may be another run's writes in flight: each store's
+        # are removed by the run that holds its lock (steps.embed_rows), never here.
+        for folder in (self.index_dir, self.knn_root, self.own_emb_root):
             if not folder.is_symlink():
                 durable.remove_tmp_files(folder)
 
@@ -292,17 +329,28 @@ class RunLock:
         self.path = path
         self._fd: int | None = None
 
-    def __enter__(self) -> RunLock:
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (True); False while another process holds it."""
+        if self.path.resolve() in _HELD:
+            raise RuntimeError(f"{self.path}: this process holds it already")  # a second fd would drop it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = locks.acquire(self.path)
         if fd is None:
-            holder = self.path.read_text().strip() or "unknown"
-            raise LockedError(f"{self.path}: another processor (pid {holder}) is running on this output")
+            return False
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         _HELD.add(self.path.resolve())
+        return True
+
+    def __enter__(self) -> RunLock:
+        if not self.try_acquire():
+            holder = self.path.read_text().strip() or "unknown"
+            raise LockedError(f"{self.path}: another processor (pid {holder}) is running on this output")
         return self
+
+    def release(self) -> None:
+        self.__exit__()
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:

@@ -274,6 +274,10 @@ def header(cfg_path: str | None, report: dict[str, Any], when: str) -> str:
         ("config", cfg_path or "(given as settings)"),
         ("output", report["output"]),
         ("work folder", report["work_dir"]),
+        (
+            "embeddings",
+            report["embeddings_dir"] + (" (shared folder)" if report.get("embeddings_shared") else ""),
+        ),
         ("report made", when),
         ("state", state),
         ("next run", report["next_run"]),
@@ -343,7 +347,7 @@ def totals_section(report: dict[str, Any]) -> str:
     rows = []
     for name, a in report["archives"].items():
         if a["state"] == "not indexed":
-            rows.append([name, "", "", "", "", "", a["state"]])
+            rows.append([name, "", "", "", "", "", a["state"], ""])
             continue
         rows.append(
             [
@@ -354,6 +358,7 @@ def totals_section(report: dict[str, Any]) -> str:
                 a["images"],
                 a["images"] - a["to_embed"],
                 a["state"],
+                ", ".join(a.get("shared_with", [])) or ("no" if report.get("embeddings_shared") else ""),
             ]
         )
     head = [
@@ -364,6 +369,7 @@ def totals_section(report: dict[str, Any]) -> str:
         "images in the output",
         "embedded",
         "embeddings",
+        "store shared with",
     ]
     return f"<h2>Totals</h2>{per_split}{_table(head, rows, 'archives')}"
 

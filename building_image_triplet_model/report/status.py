@@ -14,13 +14,14 @@ is then
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from building_image_triplet_model.config import DataConfig
-from building_image_triplet_model.engine import done, identity, index, plan
+from building_image_triplet_model.engine import done, identity, index, ownership, plan
 from building_image_triplet_model.engine.embed.store import EmbeddingStore
 from building_image_triplet_model.errors import InputError
 from building_image_triplet_model.inputs.sources import list_sources
@@ -185,6 +186,7 @@ def collect(cfg: DataConfig) -> dict[str, Any]:
         "model_key": model_key or "new",
     }
     report["archives"] = archives
+    shared_stores(layout, report, markers, model_key)
 
     # assemble
     stats = _read(layout.stats) or {}
@@ -219,6 +221,24 @@ def collect(cfg: DataConfig) -> dict[str, Any]:
     report["last_run"] = progress.get("run")
     report["next_run"] = next_run(report)
     return report
+
+
+def shared_stores(
+    layout: Layout, report: dict[str, Any], markers: dict[str, Any], model_key: str | None
+) -> None:
+    """Where the stores are, and for a shared data.embeddings_dir each archive's store and the other outputs
+    recorded as using it (ownership.record_user)."""
+    report["embeddings_dir"] = str(layout.emb_root)
+    report["embeddings_shared"] = layout.shared_emb is not None
+    if layout.shared_emb is None or not model_key:
+        return
+    users = ownership.read_users(layout)
+    me = os.path.realpath(layout.output)
+    for name, a in report["archives"].items():
+        if name in markers:
+            store = f"{model_key}/{layout.store_dir(model_key, name, markers[name]['content']).name}"
+            others = sorted(u["output"] for u in users if store in u["stores"] and u.get("output") != me)
+            a.update(store=store, shared_with=others)
 
 
 def _status(done: int, total: int) -> str:
@@ -279,6 +299,14 @@ def render(report: dict[str, Any]) -> str:
                 for k, v in sorted(states.items())
             )
         )
+    if report.get("embeddings_shared"):
+        shared = {n: a["shared_with"] for n, a in report["archives"].items() if a.get("shared_with")}
+        lines.append(
+            f"embeddings: {report['embeddings_dir']} (shared folder; {len(shared)} of "
+            f"{len(report['archives'])} archives' stores also used by other outputs)"
+        )
+        for name, others in list(shared.items())[:8]:
+            lines.append(f"  shared store {report['archives'][name]['store']}: also {', '.join(others)}")
     if report["rejects"]:
         lines.append("rejects: " + ", ".join(f"{k}={v}" for k, v in report["rejects"].items()))
     by = report.get("rejects_found_by", {})

@@ -110,6 +110,13 @@ def effective_yaml(
         raise ConfigStepError(str(exc)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
         raise ConfigStepError(f"{where}: must be a mapping with a 'data:' section")
+    if doc["data"].get("embeddings_dir") is not None:
+        # One VM builds one output, and its checkpoints carry the work folder: a shared folder outside it
+        # would not survive a preemption. Sharing embeddings is for outputs built on one machine's disk.
+        raise ConfigStepError(
+            f"{where}: data.embeddings_dir is not supported on the VM (its checkpoints carry the work folder "
+            "only, so embeddings outside it would be lost with the VM): remove the key"
+        )
     if override:
         data = doc["data"]
         name = Path(str(data.get("hdf5_path") or "dataset.h5")).name

@@ -139,6 +139,9 @@ class EmbeddingStore:
         the chunks (a gap: rows it claims that no chunk holds). Returns the chunks written without keys by
         an earlier release, for the caller to prove or recompute. A full store without a valid marker gets
         one (a kill between its last chunk and its marker left it so)."""
+        # The marker before the chunks: a run sharing the folder may finish the store meanwhile, and a marker
+        # read after the listing would claim chunks the listing missed.
+        marker = self.marker()
         seen = np.zeros(self.n_rows, bool)
         unkeyed: list[Path] = []
         valid = chunks = 0
@@ -157,7 +160,6 @@ class EmbeddingStore:
             seen[rows] = True
             valid += int((chunk["codes"] == 0).sum())
             chunks += 1
-        marker = self.marker()
         if marker is not None:
             held = {
                 "rows": int(seen.sum()),
