@@ -136,3 +136,19 @@ def test_a_progress_file_nested_2000_deep_is_read_flat_and_bounded(tmp_path: Pat
     assert [h["pid"] for h in state["history"]][:3] == [2000, 1999, 1998]
     assert len(state["history"]) == progress.HISTORY_RUNS
     assert state["steps"]["index"]["done"] == 3
+
+
+def test_every_event_line_has_one_schema(tmp_path: Path) -> None:
+    """The engine's progress events, its warnings and the VM job's events share one Cloud Logging log: one
+    writer (progress.write_event), one schema. The engine wrote ``ts`` where the job wrote ``time``."""
+    p = make(tmp_path)
+    p.start("index", total=2, unit="bytes")
+    p.finish("index")
+    handler = progress.JsonEventHandler(tmp_path / "events.jsonl")
+    handler.emit(logging.LogRecord("pipeline", logging.WARNING, __file__, 1, "a warning", None, None))
+    progress.write_event(tmp_path / "events.jsonl", "phase", source="job", message="phase download started")
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert {line["event"] for line in lines} == {"progress", "log", "phase"}
+    for line in lines:
+        assert list(line)[:3] == ["time", "severity", "event"], line
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line["time"])
