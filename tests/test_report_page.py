@@ -15,7 +15,7 @@ import pytest
 
 from building_image_triplet_model import config
 from building_image_triplet_model.io.workdir import Layout
-from building_image_triplet_model.report import report_page, status
+from building_image_triplet_model.report import charts, report_page, status
 
 
 @dataclass
@@ -113,7 +113,7 @@ def test_one_map_panel_per_dataset_with_a_circle_per_target_coloured_by_split(
         sel = t["key"] // 1_000_000_000 == d
         circles = svg.all("circle")
         assert len(circles) == int(sel.sum()) == 13
-        want = Counter(report_page.SPLIT_COLOURS[report_page.SPLITS[s]] for s in t["split"][sel].tolist())
+        want = Counter(charts.SPLIT_COLOURS[charts.SPLITS[s]] for s in t["split"][sel].tolist())
         assert Counter(c["fill"] for c in circles) == want
         [frame] = [r for r in svg.all("rect") if r.get("stroke")]
         x0, y0 = float(frame["x"]), float(frame["y"])
@@ -133,7 +133,7 @@ def test_far_off_targets_do_not_shrink_the_map_they_are_counted() -> None:
     lat = np.concatenate([rng.uniform(40.70, 40.72, n), [10.0, -30.0]])  # two wrong coordinates
     lon = np.concatenate([rng.uniform(-74.01, -73.99, n), [20.0, 100.0]])
     t = {"key": 3_000_000_000 + np.arange(n + 2), "lat": lat, "lon": lon, "split": np.zeros(n + 2, np.int8)}
-    page = Page(report_page.map_panels(t))
+    page = Page(charts.map_panels(t))
     [svg] = page.svgs
     circles = svg.all("circle")
     xs = [float(c["cx"]) for c in circles]
@@ -150,7 +150,7 @@ def test_the_knn_histogram_has_a_line_per_split_axes_and_a_legend(
     _, page, _ = complete_page
     [hist] = page.svgs_in("KNN distances")
     lines = hist.all("polyline")
-    assert [p["stroke"] for p in lines] == list(report_page.SPLIT_COLOURS.values())
+    assert [p["stroke"] for p in lines] == list(charts.SPLIT_COLOURS.values())
     for p in lines:
         points = [tuple(map(float, xy.split(","))) for xy in p["points"].split()]
         assert len(points) == 40  # bins
@@ -214,7 +214,7 @@ def test_the_header_and_the_totals(complete_page: tuple[str, Page, dict], refere
     assert "<dt>config</dt>" in text and f"<dd>{Layout(reference).output}</dd>" in text
     assert "<dt>report made</dt>" in text
     t = artifact_targets(Layout(reference).output)
-    for i, split in enumerate(report_page.SPLITS):
+    for i, split in enumerate(charts.SPLITS):
         assert report["splits"][split]["targets"] == int((t["split"] == i).sum())
     total = sum(v["images"] for v in report["splits"].values())
     assert f"<td>total</td><td>39</td><td>{total}</td><td>{sum(report['rejects'].values())}</td>" in text
@@ -274,7 +274,7 @@ def test_a_panel_shows_at_most_the_cap() -> None:
         "lon": np.concatenate([rng.uniform(-74, -73, n), [20.0] * 5]),
         "split": np.concatenate([rng.integers(0, 3, n), [0] * 5]).astype(np.int8),
     }
-    page = Page(report_page.map_panels(t))
+    page = Page(charts.map_panels(t))
     assert [len(s.all("circle")) for s in page.svgs] == [800, 5]  # under the cap: every target
 
 
@@ -287,8 +287,8 @@ def test_a_large_panel_is_thinned_to_the_cap() -> None:
         "lon": rng.uniform(-74, -73, n),
         "split": rng.integers(0, 3, n).astype(np.int8),
     }
-    page = Page(report_page.map_panels(t))
-    assert len(page.svgs[0].all("circle")) <= report_page.MAX_POINTS_PER_PANEL
+    page = Page(charts.map_panels(t))
+    assert len(page.svgs[0].all("circle")) <= charts.MAX_POINTS_PER_PANEL
 
 
 # ------------------------------------------------------------------------------------- in a real browser
