@@ -201,6 +201,8 @@ def run(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         cfg = engine_config.load(eff)
     except engine_config.ConfigError as exc:
         raise ConfigStepError(f"the engine refuses {where}: {exc}") from None
+    for note in cfg.warnings:  # said at boot, in the startup's log, not only hours later in the job's
+        log.warning("config: %s: %s", where, note)
     layout = Layout(cfg)
     s["engine"] = {
         "config": str(eff),

@@ -376,7 +376,8 @@ def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
         )
         assert_same_arrays(artifact, tmp_path / "reference" / "out" / "dataset.h5")
 
-        # Third boot: nothing installed, formatted or downloaded; every phase skipped.
+        # Third boot: nothing installed, formatted or downloaded; the job says in one line that the run is
+        # complete and runs no phase (issue 19: a second run of anything complete prints one line).
         n_before = len(range_server.requests)
         third = box()
         startup = boot_and_wait(third, booted)
@@ -393,7 +394,8 @@ def test_a_pristine_debian_12_boots_the_bootstrap_is_preempted_and_resumes(
             third,
         )
         job = journal(third, UNIT)
-        for phase in ("download", "preprocess", "finalize"):
-            assert f"phase {phase}: done" in job and "skipping" in job, job[-4000:]
+        assert "pristine is complete (" in job and "): nothing to do" in job, job[-4000:]
+        for phase in ("download", "extract", "preprocess", "finalize"):
+            assert f"phase {phase}" not in job, job[-4000:]
         assert range_server.requests[n_before:] == []
         assert third.poweroff() == 0
