@@ -20,6 +20,13 @@ pytestmark = [
 ]
 
 
+def user_env() -> dict[str, str]:
+    """The environment of a user's shell: this venv first on PATH, and no outer make's variables (under
+    `make test` they would make the demo's make a sub-make, which prints 'Entering directory' lines)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     copy = tmp_path_factory.mktemp("repo")
@@ -30,8 +37,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
         if (REPO / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    env = user_env()
     # The environment is this one (-o setup: no second uv sync of several GB); RUN= runs the package's
     # commands with its python, as `uv run` would.
     r = subprocess.run(
@@ -83,11 +89,10 @@ def test_a_second_demo_says_it_is_complete_in_a_few_lines_and_pushes_nothing(dem
     copy, _ = demo
     bucket = copy / "build/dry-run/bucket"
     before = {p: p.stat().st_mtime_ns for p in bucket.rglob("*") if p.is_file()}
-    venv_bin = str(Path(sys.executable).parent)
     r = subprocess.run(
         ["make", "-o", "setup", "-o", "sys-deps", "demo", "RUN=", f"DRY_RUN_PYTHON={sys.executable}"],
         cwd=copy,
-        env={**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"},
+        env=user_env(),
         capture_output=True,
         text=True,
         timeout=600,
