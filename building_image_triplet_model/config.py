@@ -16,11 +16,8 @@ The original project keeps one YAML for the trainer and the processor, so the fi
 Every key has a type, a default and a check; a wrong type or an impossible value is a ConfigError naming
 the key. The processor never writes to the config file.
 
-One reader for every command that reads the file (the processor, the status command, the VM's config step):
-at most MAX_CONFIG_BYTES of UTF-8 text, parsed by yaml's safe loader, with the document's size counted as
-its aliases expand (MAX_YAML_NODES): a few hundred bytes of nested aliases (a "billion laughs") would
-otherwise become billions of nodes wherever the value is walked or printed. A message shows a value cut
-short (short()), never the whole of it.
+The file is read by io/yaml_file.py, the one bounded reader (UTF-8, size, what aliases expand to) that
+every command reading a config uses.
 """
 
 from __future__ import annotations
@@ -28,31 +25,17 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import reprlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
 from .errors import ConfigError
+from .io.yaml_file import MAX_CONFIG_BYTES, parse_yaml, read_text, short
+
+__all__ = ["MAX_CONFIG_BYTES", "ConfigError", "DataConfig", "load", "parse_yaml", "read_text", "short"]
 
 DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
 
-MAX_CONFIG_BYTES = 256 * 1024  # a real config is a few kB
-MAX_YAML_NODES = 10_000  # nodes of the document with every alias expanded; a real config has ~100
-
-_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
-_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 4
-
-
-def short(value: Any) -> str:
-    """A value as a message shows it: its repr, cut short."""
-    return _SHORT.repr(value)
-
-
-# data: keys that the trainer (GeoTripletDataModule) reads and this processor does not.
 TRAINER_KEYS = frozenset({"num_difficulty_levels", "ucb_alpha", "cache_size"})
 # The trainer (the original project's train.py) sizes its projection head from model.backbone_output_size,
 # or when that is null from timm's num_features of model.backbone, this one when the key is absent. It does
@@ -361,73 +344,6 @@ def trainer_model(section: Any) -> TrainerModel | None:
         backbone=backbone if isinstance(backbone, str) and backbone else TRAINER_DEFAULT_BACKBONE,
         backbone_output_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
     )
-
-
-def read_text(path: str | os.PathLike[str]) -> str:
-    """A config file's text: UTF-8, at most MAX_CONFIG_BYTES (ConfigError naming the file otherwise)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
-
-
-def _expanded_nodes(root: yaml.Node, where: str) -> int:
-    """The document's node count with every alias expanded; ConfigError past MAX_YAML_NODES or on an alias
-    that contains itself. Each node is counted once (memoised), so this takes time linear in the file."""
-    sizes: dict[int, int] = {}
-    open_: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if id(node) in sizes:
-            continue
-        kids: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            kids = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            kids = [n for pair in node.value for n in pair]
-        if children_done:
-            open_.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
-            if sizes[id(node)] > MAX_YAML_NODES:
-                raise ConfigError(
-                    f"{where}: its aliases expand to more than {MAX_YAML_NODES} values: refused "
-                    "(a config needs a few hundred)"
-                )
-            continue
-        if id(node) in open_:
-            raise ConfigError(f"{where}: an alias that contains itself: refused")
-        open_.add(id(node))
-        stack.append((node, True))
-        stack.extend((k, False) for k in kids if id(k) not in sizes)
-    return sizes[id(root)]
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """A YAML document, by yaml's safe loader, bounded in size and in what its aliases expand to."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_nodes(node, where)
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise ConfigError(f"{where}: not valid YAML: {said[:300] or type(exc).__name__}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: nested too deeply: not a config file") from None
-    finally:
-        loader.dispose()
 
 
 def load(path: str | os.PathLike[str]) -> DataConfig:
