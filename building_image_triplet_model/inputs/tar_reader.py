@@ -3,8 +3,10 @@
 Python's tarfile is lenient where this project cannot be: after the first member it ends the walk quietly
 at a damaged header, at a file cut off between two members, at a lone zero block, or at zeros that an
 unfinished preallocated download left behind, so an archive with members missing reads as a good one.
-This reader parses each 512-byte header itself (about twice as fast) and refuses an archive unless it ends
-the way a complete one does:
+This reader walks the archive itself, header by header, and refuses an archive unless it ends the way a
+complete one does. Each header's fields and checksum are tarfile's own parse (``TarInfo.frombuf``); only
+the member's name is ours, because tarfile joins the ustar prefix field into GNU headers too, where those
+bytes hold times:
 
 * every header's checksum is right and every member's data lies inside the file;
 * the members are followed by the end-of-archive marker (two zero blocks);
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -56,32 +59,6 @@ class TarMember:
 def checksum(data: bytes) -> int:
     """The 64-bit member checksum stored in the index (the first 8 bytes of SHA-256, big-endian)."""
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big", signed=True)
-
-
-def _number(field: bytes, what: str, at: int) -> int:
-    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for values that do not fit in octal
-        value = int.from_bytes(field[1:], "big")
-        return -value if field[0] == 0xFF else value
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarError(f"bad {what} field {field!r} in the header at byte {at}") from None
-
-
-def _header_ok(header: bytes) -> bool:
-    stored = header[148:156].split(b"\0", 1)[0].strip(b" ")
-    try:
-        want = int(stored, 8)
-    except ValueError:
-        return False
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    signed = unsigned - 2 * (
-        sum(b for b in header[:148] if b > 127) + sum(b for b in header[156:] if b > 127)
-    )
-    return want in (unsigned, signed)
 
 
 def _text(field: bytes) -> str:
@@ -141,7 +118,11 @@ class TarReader:
             if header == _ZERO_BLOCK:
                 self._check_end(at)
                 return
-            if not _header_ok(header):
+            try:  # tarfile's parse: the checksum (signed or unsigned) and the octal or base-256 numbers
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:  # a wrong checksum, or a field that is not a number
+                info, why = None, "bad header checksum" if str(exc) == "bad checksum" else "unreadable header"
+            if info is None:
                 start = at + len(header.rstrip(b"\0"))
                 after = self._read(min(self.size - self.pos, 1 << 16))
                 if at and not after.strip(b"\0") and self.size - start >= self.record_bytes:
@@ -150,9 +131,9 @@ class TarReader:
                         "should be: an unfinished download with preallocated space?"
                     )
                 what = "not a tar archive" if at == 0 else "damaged archive"
-                raise self._fail(f"{what}: bad header checksum at byte {at}")
-            size = _number(header[124:136], "size", at)
-            kind = header[156:157]
+                raise self._fail(f"{what}: {why} at byte {at}")
+            size = info.size
+            kind = header[156:157]  # as written: frombuf makes an old V7 folder ("0" and a trailing /) a "5"
             if "size" in pax and kind not in (_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL):
                 try:  # a pax size overrides the header's (members over 8 GiB)
                     size = int(pax["size"])
@@ -180,7 +161,7 @@ class TarReader:
             if kind == _PAX_GLOBAL:
                 continue
             name = self._name(header, long_name, pax)
-            link = pax.get("linkpath") or long_link or _text(header[157:257])
+            link = pax.get("linkpath") or long_link or info.linkname
             long_name, long_link, pax = None, None, {}
             yield TarMember(name, kind, data_at, size, data, link)
 
