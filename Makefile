@@ -39,7 +39,7 @@ demo: setup sys-deps dry-run ## sample archives -> download -> extract -> prepro
 demo-clean: dry-run-clean ## forget the demo's output and sample archives so that `make demo` starts from nothing
 	rm -rf $(DRY_RUN_ARCHIVES)
 
-test: setup sys-deps ## the whole test suite (~35 min on 2 cores; the slowest 30 tests are listed at the end)
+test: setup sys-deps ## the whole test suite (~30 min on 2 cores; the slowest 30 tests are listed at the end)
 	$(RUN) pytest -q --durations=30
 
 test-fast: setup ## the suite without the slow end-to-end drills
